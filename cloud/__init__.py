@@ -1,0 +1,1 @@
+"""The cotune coordinator: FastAPI app, round state, strategies and the LLM holder."""

@@ -1,0 +1,1 @@
+"""Server-side co-tuning strategies behind one small interface."""

@@ -1,0 +1,1 @@
+"""The `cotune` command line."""

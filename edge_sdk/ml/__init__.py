@@ -1,0 +1,1 @@
+"""Model-side helpers (torch, transformers, peft), imported lazily by their callers."""

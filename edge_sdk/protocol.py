@@ -1,0 +1,200 @@
+"""Wire models shared by the coordinator and the devices (REST API under /v1).
+
+The coordinator imports these models, so a device and the server can never disagree
+about a field. The OpenAPI document FastAPI builds from them is the real contract.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_PREFIX = "/v1"
+
+# An update is a safetensors body; these keys of its `__metadata__` carry what is not
+# a tensor. Keeping them inside the body means the digest covers them too.
+META_NUM_SAMPLES = "cotune.num_samples"
+META_METRICS = "cotune.metrics"
+META_KIND = "cotune.kind"
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoundState(str, Enum):
+    """DESIGN.md §4: open -> collecting -> aggregating -> server_step -> publishing -> closed."""
+
+    open = "open"
+    collecting = "collecting"
+    aggregating = "aggregating"
+    server_step = "server_step"
+    publishing = "publishing"
+    closed = "closed"
+    failed = "failed"
+
+
+class RunState(str, Enum):
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+    )
+
+
+class TrainSpec(_Strict):
+    """Local training on a device's private data, per round."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_len: int = Field(64, ge=8)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class DistillSpec(_Strict):
+    """Server-side mutual distillation between the LLM and the aggregated SLM (FedCoLLM)."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lambda_kd: float = Field(0.5, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class RunSpec(_Strict):
+    """What an admin asks for with `POST /v1/runs`. Paths are on the coordinator's disk."""
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    algorithm: str = Field("fedcollm", description="fedavg | fedcollm")
+    slm: str = Field(..., description="HF checkpoint directory of the shared SLM (with tokenizer)")
+    llm: str | None = Field(None, description="HF checkpoint directory of the LLM (fedcollm)")
+    rounds: int = Field(3, ge=1, le=100_000)
+    min_clients: int = Field(2, ge=1, description="quorum: updates needed to close a round")
+    round_deadline_s: float = Field(
+        600.0, gt=0, description="after this, a round closes as soon as it has its quorum"
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    aux_data: str | None = Field(None, description="JSONL public auxiliary data (server side)")
+    eval_data: str | None = Field(None, description="JSONL held-out data the server scores on")
+    eval_max_new_tokens: int = Field(24, ge=1, le=512)
+    seed: int = 0
+    enroll_token: str | None = Field(
+        None, min_length=16, description="token devices enroll with; generated when absent"
+    )
+
+    @field_validator("algorithm")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+
+class RunCreated(BaseModel):
+    run_id: str
+    name: str
+    enroll_token: str
+    created: bool = Field(description="false when a run of that name and spec already existed")
+
+
+class DeviceProfile(_Strict):
+    arch: str = Field("unknown", max_length=64)
+    os: str = Field("unknown", max_length=64)
+    cores: int = Field(1, ge=1, le=4096)
+    ram_bytes: int = Field(0, ge=0)
+    accelerator: str | None = Field(None, max_length=128)
+    backends: list[str] = Field(default_factory=list, max_length=16)
+
+
+class ClientRegistration(_Strict):
+    name: str = Field("device", min_length=1, max_length=128)
+    profile: DeviceProfile = Field(default_factory=DeviceProfile)
+
+
+class ClientCredentials(BaseModel):
+    client_id: str
+    run_id: str
+    token: str = Field(description="bearer token for this client; shown once, stored hashed")
+
+
+class ArtifactRef(BaseModel):
+    name: str
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+
+
+class ClientTask(BaseModel):
+    """What a device does in a round."""
+
+    kind: Literal["lora_sft"] = "lora_sft"
+    lora: LoraSpec
+    train: TrainSpec
+    seed: int
+
+
+class RoundInfo(BaseModel):
+    run_id: str
+    run_state: RunState
+    rounds_total: int
+    round: int = Field(description="1-based; the last round once the run has finished")
+    state: RoundState
+    deadline: datetime | None = None
+    artifacts: list[ArtifactRef]
+    task: ClientTask
+    submitted: bool = Field(description="whether this client's update for the round is in")
+
+
+class UpdateReceipt(BaseModel):
+    run_id: str
+    round: int
+    client_id: str
+    sha256: str
+    num_samples: int
+    duplicate: bool = Field(description="true when this exact update had been accepted before")
+
+
+class RoundSummary(BaseModel):
+    round: int
+    state: RoundState
+    num_updates: int
+    num_samples: int
+    opened_at: datetime | None = None
+    closed_at: datetime | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[ArtifactRef] = Field(default_factory=list)
+
+
+class RunStatus(BaseModel):
+    run_id: str
+    name: str
+    algorithm: str
+    state: RunState
+    rounds_total: int
+    current_round: int
+    num_clients: int
+    error: str | None = None
+    rounds: list[RoundSummary] = Field(default_factory=list)
+
+
+class ErrorDetail(BaseModel):
+    """Every 4xx/5xx carries this as `detail`: what went wrong, and what to do."""
+
+    code: str
+    message: str
+    hint: str | None = None

@@ -1,0 +1,1 @@
+"""Task records, the synthetic multi-domain task generator and the scoring metrics."""

@@ -1,0 +1,1 @@
+"""Edge builds from tuned adapters (GGUF, ONNX); see DESIGN.md §6."""
