@@ -1,0 +1,52 @@
+"""Coordinator settings: environment (COTUNE_*), a TOML config file, then flags, in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge_sdk.protocol import RunSpec
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COTUNE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    state_url: str = Field(
+        "sqlite:///.cotune/coordinator.db",
+        description="SQLAlchemy URL: a SQLite file (default) or postgresql+psycopg://...",
+    )
+    artifact_dir: Path = Path(".cotune/artifacts")
+    work_dir: Path = Field(Path(".cotune/work"), description="scratch space for uploads in flight")
+    admin_token: str | None = Field(
+        None, min_length=16, description="bearer token for run management; generated if unset"
+    )
+    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    tick_s: float = Field(0.5, gt=0, description="how often the round driver looks at the runs")
+    torch_threads: int | None = Field(None, ge=1)
+    run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> CoordinatorSettings:
+    """Merge a TOML file (top-level keys + an optional [run] table) with explicit overrides."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            values = tomllib.loads(config.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {config} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {config} is not valid TOML: {exc}") from None
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "run" and isinstance(value, dict):
+            values["run"] = {**values.get("run", {}), **value}
+        else:
+            values[key] = value
+    return CoordinatorSettings(**values)

@@ -1,0 +1,169 @@
+"""`cotune`: one command for the coordinator, the devices and the demo.
+
+Errors print as one line (what went wrong, what to do); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="cotune",
+    help="Federated co-tuning of a cloud LLM and on-device SLMs.\n\n"
+    "Start a coordinator with `cotune serve`, join devices with `cotune edge join`, "
+    "or see it all run on tiny models with `cotune demo`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+edge_app = typer.Typer(help="Device side: take part in a co-tuning run.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+_state: dict[str, Any] = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _threads(n: int | None) -> None:
+    """Cap torch's CPU threads before it loads: several cotune processes often share a box."""
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="TOML file: server keys and a [run] table")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port")] = None,
+    state_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://...")
+    ] = None,
+    artifact_dir: Annotated[Path | None, typer.Option(help="content-addressed blob directory")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="COTUNE_ADMIN_TOKEN", help="admin bearer token")] = None,
+    run_name: Annotated[str | None, typer.Option(help="create this run at start-up (with --slm)")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="fedavg | fedcollm")] = None,
+    slm: Annotated[str | None, typer.Option(help="SLM checkpoint directory")] = None,
+    llm: Annotated[str | None, typer.Option(help="LLM checkpoint directory (fedcollm)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    min_clients: Annotated[int | None, typer.Option(help="quorum: updates needed to close a round")] = None,
+    deadline: Annotated[float | None, typer.Option(help="seconds after which a round closes at quorum")] = None,
+    aux_data: Annotated[str | None, typer.Option(help="public auxiliary JSONL (server side)")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="held-out JSONL the server scores on")] = None,
+    enroll_token: Annotated[
+        str | None, typer.Option(envvar="COTUNE_ENROLL_TOKEN", help="token devices enroll with")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Start the coordinator (FastAPI + the round driver).
+
+    Settings come from COTUNE_* environment variables, then --config, then flags. With a
+    run in the config (or --run-name and --slm) the run is created at start-up, or resumed
+    if the state database already holds it.
+    """
+    import uvicorn
+
+    from cloud.app import create_app
+    from cloud.settings import load_settings
+
+    _threads(threads)
+    run: dict[str, Any] = {k: v for k, v in {
+        "name": run_name, "algorithm": algorithm, "slm": slm, "llm": llm, "rounds": rounds,
+        "min_clients": min_clients, "round_deadline_s": deadline, "aux_data": aux_data,
+        "eval_data": eval_data, "enroll_token": enroll_token,
+    }.items() if v is not None}
+    settings = load_settings(
+        config, host=host, port=port, state_url=state_url, artifact_dir=artifact_dir,
+        admin_token=admin_token, torch_threads=threads, run=run or None,
+    )
+    if settings.admin_token is None:
+        from cloud.auth import new_token
+
+        settings.admin_token = new_token()
+        token_file = Path(settings.artifact_dir).parent / "admin_token"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(settings.admin_token)
+        token_file.chmod(0o600)
+        typer.echo(f"admin token written to {token_file}")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@edge_app.command("join")
+def edge_join(
+    coordinator: Annotated[str, typer.Option(help="coordinator URL, e.g. http://10.0.0.2:8080")],
+    enroll_token: Annotated[str, typer.Option(envvar="COTUNE_ENROLL_TOKEN", help="the run's enroll token")],
+    data: Annotated[Path, typer.Option(help="private JSONL of {prompt, response}; never leaves the device")],
+    eval_data: Annotated[Path | None, typer.Option(help="local held-out JSONL, scored each round")] = None,
+    name: Annotated[str, typer.Option(help="a name for this device")] = "device",
+    state_dir: Annotated[Path, typer.Option(help="credentials, cache and pending updates")] = Path(".cotune/edge"),
+    out: Annotated[Path | None, typer.Option(help="where the final model and adapter go")] = None,
+    poll: Annotated[float, typer.Option(help="seconds between polls while waiting")] = 1.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Take part in a run until it ends: pull, train locally, upload, repeat."""
+    _threads(threads)
+    from edge_sdk.worker import EdgeWorker, JoinConfig
+
+    cfg = JoinConfig(coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data,
+                     name=name, state_dir=state_dir, out_dir=out, poll_s=poll, progress=progress)
+    result = EdgeWorker(cfg, on_event=lambda msg: typer.echo(f"[{name}] {msg}")).run()
+    typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where data, models and state go")] = Path(".cotune/demo"),
+    clients: Annotated[int, typer.Option(help="number of edge devices")] = 3,
+    rounds: Annotated[int, typer.Option(help="co-tuning rounds")] = 3,
+    algorithm: Annotated[str, typer.Option(help="fedcollm | fedavg")] = "fedcollm",
+    seed: Annotated[int, typer.Option(help="seed for data and models")] = 0,
+) -> None:
+    """The quickstart: a coordinator and N devices as separate processes, on tiny models."""
+    from cotune.quickstart import run_quickstart
+
+    run_quickstart(workdir=workdir, num_clients=clients, rounds=rounds, algorithm=algorithm, seed=seed)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # one clear line unless --debug
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {_describe(exc)}", err=True)
+        sys.exit(2)
+
+
+def _describe(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        return f"invalid settings: {problems}"
+    name = type(exc).__name__
+    if name in ("ConnectError", "ConnectTimeout"):
+        return f"cannot reach the coordinator ({exc}); check the URL and that it is running"
+    return str(exc) or name
+
+
+if __name__ == "__main__":
+    main()

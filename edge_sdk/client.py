@@ -1,0 +1,183 @@
+"""HTTP client for the coordinator: timeouts, retries with backoff and jitter, and a
+sha256 check of every download (resumed with Range after a dropped connection)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from edge_sdk import __version__
+from edge_sdk.protocol import (
+    ArtifactRef,
+    ClientCredentials,
+    ClientRegistration,
+    DeviceProfile,
+    RoundInfo,
+    RoundSummary,
+    RunCreated,
+    RunSpec,
+    RunStatus,
+    UpdateReceipt,
+)
+from edge_sdk.retry import Backoff, call_with_retry
+
+log = logging.getLogger("cotune.edge.client")
+M = TypeVar("M", bound=BaseModel)
+
+
+class CoordinatorError(Exception):
+    """The coordinator answered with an error: its code, message and hint."""
+
+    def __init__(self, status: int, code: str, message: str, hint: str | None = None) -> None:
+        self.status, self.code, self.message, self.hint = status, code, message, hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+class IntegrityError(Exception):
+    """Downloaded bytes do not match their digest."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (httpx.TransportError, IntegrityError)):
+        return True
+    return isinstance(exc, CoordinatorError) and (exc.status >= 500 or exc.status == 429)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    if isinstance(detail, dict) and "code" in detail:
+        raise CoordinatorError(response.status_code, detail["code"], detail.get("message", ""), detail.get("hint"))
+    raise CoordinatorError(response.status_code, f"http_{response.status_code}", f"{detail or response.text[:200]}")
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        backoff: Backoff = Backoff(),
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.backoff = backoff
+        self.on_retry = on_retry or self._log_retry
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            headers={"User-Agent": f"cotune-edge/{__version__}"},
+            verify=verify,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _log_retry(attempt: int, exc: BaseException, wait: float) -> None:
+        log.warning("coordinator call failed (%s); retry %d in %.1fs", exc, attempt, wait)
+
+    def _headers(self, token: str | None = None) -> dict[str, str]:
+        token = token or self.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _call(self, method: str, path: str, model: type[M] | None = None, token: str | None = None,
+              **kwargs: Any) -> Any:
+        def once() -> Any:
+            response = self._http.request(method, path, headers=self._headers(token), **kwargs)
+            _raise_for(response)
+            if model is None:
+                return response.json() if response.content else None
+            return model.model_validate_json(response.content)
+
+        return call_with_retry(once, _retryable, self.backoff, self.on_retry)
+
+    # -- devices -------------------------------------------------------------------------
+
+    def register(self, enroll_token: str, name: str, profile: DeviceProfile) -> ClientCredentials:
+        reg = ClientRegistration(name=name, profile=profile)
+        creds = self._call("POST", "/v1/clients", ClientCredentials, token=enroll_token,
+                           json=reg.model_dump(mode="json"))
+        self.token = creds.token
+        return creds
+
+    def current_round(self, run_id: str) -> RoundInfo:
+        return self._call("GET", f"/v1/runs/{run_id}/rounds/current", RoundInfo)
+
+    def run_status(self, run_id: str) -> RunStatus:
+        return self._call("GET", f"/v1/runs/{run_id}", RunStatus)
+
+    def round_summary(self, run_id: str, number: int) -> RoundSummary:
+        return self._call("GET", f"/v1/runs/{run_id}/rounds/{number}", RoundSummary)
+
+    def upload_update(self, run_id: str, number: int, client_id: str, body: bytes) -> UpdateReceipt:
+        # Safe to retry: the coordinator accepts the same bytes once and answers the
+        # duplicate with the original receipt.
+        return self._call("PUT", f"/v1/runs/{run_id}/rounds/{number}/updates/{client_id}",
+                          UpdateReceipt, content=body)
+
+    def download(self, ref: ArtifactRef, dest: Path) -> Path:
+        """Fetch an artifact to `dest`, resuming a partial file, and check its sha256."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+
+        def once() -> Path:
+            have = part.stat().st_size if part.exists() else 0
+            if have > ref.size:
+                part.unlink()
+                have = 0
+            headers = self._headers()
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            with self._http.stream("GET", f"/v1/artifacts/{ref.sha256}", headers=headers) as response:
+                if not response.is_success:
+                    response.read()
+                    _raise_for(response)
+                mode = "ab" if have and response.status_code == 206 else "wb"
+                with part.open(mode) as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+            digest = _sha256(part)
+            if digest != ref.sha256:
+                part.unlink(missing_ok=True)
+                raise IntegrityError(f"{ref.name}: got sha256 {digest[:12]}..., expected {ref.sha256[:12]}...")
+            os.replace(part, dest)
+            return dest
+
+        return call_with_retry(once, _retryable, self.backoff, self.on_retry)
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def create_run(self, spec: RunSpec) -> RunCreated:
+        return self._call("POST", "/v1/runs", RunCreated, json=spec.model_dump(mode="json"))
+
+    def healthz(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz")
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()

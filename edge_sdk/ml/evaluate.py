@@ -1,0 +1,78 @@
+"""Greedy generation and scoring (Rouge-L / exact match) on task records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk.ml.batching import _prompt_ids, _special_ids
+
+if TYPE_CHECKING:
+    from edge_sdk.tasks.records import TaskRecord
+
+
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to `prompts` (raw prompts: the format is applied here).
+
+    Batched with left padding; each answer is the decoded new tokens up to the first
+    newline, stripped. Prompts are grouped by length to waste less compute on padding;
+    answers come back in the order of `prompts`.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _, eos, pad = _special_ids(tokenizer)
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids) :] = 1
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )
+            for row, i in enumerate(idx):
+                new = out[row, width:].tolist()
+                if eos in new:
+                    new = new[: new.index(eos)]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                answers[i] = text.split("\n", 1)[0].strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def evaluate(
+    model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_new_tokens: int = 24
+) -> dict[str, Any]:
+    """Greedy-decode every record's prompt and score it against its response.
+
+    Returns edge_sdk.tasks.metrics.score's dict: {"rougeL", "em", "n", "per_domain"}.
+    """
+    from edge_sdk.tasks.metrics import score
+
+    preds = generate_greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens)
+    return score(preds, [r.response for r in records], [r.domain for r in records])

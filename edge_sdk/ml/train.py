@@ -1,0 +1,195 @@
+"""Supervised fine-tuning loops: LoRA SFT on a device's records (and the shared loop that
+full-parameter pretraining in `edge_sdk.ml.tiny` reuses)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk.ml.batching import (
+    IGNORE_INDEX,
+    _num_batches,
+    _special_ids,
+    collate,
+    encode_sft,
+    iterate_batches,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge_sdk.protocol import TrainSpec
+    from edge_sdk.tasks.records import TaskRecord
+
+# progress(step, total_steps, loss) when a callable is given instead of a bool.
+ProgressFn = Callable[[int, int, float], None]
+
+
+def _response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled (response) positions."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+class _Progress:
+    """A tqdm bar, a user callback, or nothing."""
+
+    def __init__(self, progress: bool | ProgressFn, total: int, desc: str) -> None:
+        self.callback: ProgressFn | None = None
+        self.bar: Any = None
+        if callable(progress):
+            self.callback = progress
+        elif progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+        self.total = total
+
+    def update(self, step: int, loss: float) -> None:
+        if self.callback is not None:
+            self.callback(step, self.total, loss)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _loss_summary(losses: Sequence[float]) -> dict[str, float]:
+    return {
+        "loss_first": float(losses[0]) if losses else math.nan,
+        "loss_last": float(losses[-1]) if losses else math.nan,
+        "loss_mean": float(sum(losses) / len(losses)) if losses else math.nan,
+    }
+
+
+def _run_sft(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[TaskRecord],
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    epochs: float | None,
+    max_steps: int | None,
+    progress: bool | ProgressFn,
+    warmup_cosine: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """The SFT loop shared by LoRA training and full pretraining."""
+    import torch
+
+    started = time.perf_counter()
+    examples = encode_sft(tokenizer, records, max_len)
+    if not examples:
+        raise ValueError("no trainable records: the list is empty or every prompt was too long")
+    _, _, pad_id = _special_ids(tokenizer)
+    total = _num_batches(len(examples), batch_size, epochs, max_steps)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: nothing to train")
+    # The fork keeps the caller's RNG state untouched; inside, the seed fixes dropout.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        scheduler = None
+        if warmup_cosine:
+            # Short warmup then cosine decay: converges quickly from a random init.
+            warmup = max(1, total // 20)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress_frac = (step - warmup) / max(1, total - warmup)
+                return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        bar = _Progress(progress, total, desc)
+        losses: list[float] = []
+        model.train()
+        try:
+            batches = iterate_batches(examples, batch_size, seed, epochs, max_steps)
+            for step, batch in enumerate(batches):
+                tensors = collate(batch, pad_id)
+                logits = model(
+                    input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+                ).logits
+                loss = _response_ce(logits, tensors["labels"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.update(step + 1, losses[-1])
+        finally:
+            bar.close()
+            model.eval()
+    return {
+        "steps": len(losses),
+        **_loss_summary(losses),
+        "num_samples": len(examples),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _lora_only(model: Any) -> list[Any]:
+    """Make exactly the LoRA parameters trainable; return them."""
+    trainable = []
+    for name, param in model.named_parameters():
+        is_lora = "lora_" in name
+        param.requires_grad_(is_lora)
+        if is_lora:
+            trainable.append(param)
+    if not trainable:
+        raise ValueError(
+            "the model has no LoRA parameters; call edge_sdk.ml.lora.attach_lora first"
+        )
+    return trainable
+
+
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[TaskRecord],
+    spec: TrainSpec,
+    seed: int,
+    progress: bool | ProgressFn = False,
+) -> dict[str, Any]:
+    """LoRA SFT of a peft model on `records` (loss on responses only); base weights frozen.
+
+    Returns {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds"}.
+    The same model, records, spec and seed give the same adapter. Leaves the model in
+    eval mode. `progress` is a bool (tqdm bar) or a callable(step, total, loss).
+    """
+    params = _lora_only(model)
+    return _run_sft(
+        model,
+        tokenizer,
+        records,
+        params,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        max_len=spec.max_len,
+        seed=seed,
+        epochs=spec.epochs,
+        max_steps=spec.max_steps,
+        progress=progress,
+        warmup_cosine=False,
+        desc="lora",
+    )

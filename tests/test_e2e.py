@@ -1,0 +1,59 @@
+"""End to end: a live coordinator and two device processes complete two FedCoLLM rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+from cotune.quickstart import child_env
+from tests.support import CoordinatorProcess, join_cmd, run_spec
+
+
+def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
+    coord = CoordinatorProcess(tmp_path / "coord", run=run_spec(world, name="e2e", rounds=2)).start()
+    devices = []
+    try:
+        for k in range(2):
+            log = (tmp_path / f"device-{k}.log").open("w")
+            devices.append(subprocess.Popen(join_cmd(coord, world, k, tmp_path / f"device-{k}"),
+                                            stdout=log, stderr=subprocess.STDOUT, env=child_env()))
+        for k, proc in enumerate(devices):
+            code = proc.wait(300)
+            assert code == 0, f"device {k} failed:\n{(tmp_path / f'device-{k}.log').read_text()[-3000:]}"
+        status = coord.status(coord.run_id())
+    finally:
+        for proc in devices:
+            if proc.poll() is None:
+                proc.kill()
+        coord.stop()
+
+    assert status["state"] == "finished", status.get("error")
+    rounds = [r for r in status["rounds"] if r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["state"] == "closed"
+        assert r["num_updates"] == 2
+        assert r["metrics"]["distill"]["steps"] > 0, "the server step did not distill"
+        assert 0.0 <= r["metrics"]["slm"]["rougeL"] <= 1.0
+        assert "llm" in r["metrics"]
+        for figures in r["metrics"]["clients"].values():
+            assert figures["bytes_up"] > 0 and figures["bytes_down"] > 0
+    # Round 2 downloads only the new adapter: the base model was cached on the device.
+    down1 = sum(c["bytes_down"] for c in rounds[0]["metrics"]["clients"].values())
+    down2 = sum(c["bytes_down"] for c in rounds[1]["metrics"]["clients"].values())
+    assert down2 < down1
+
+    final = {a["name"]: a["sha256"] for a in rounds[-1]["artifacts"]}
+    first = {a["name"]: a["sha256"] for a in rounds[0]["artifacts"]}
+    server_slm = final["slm/adapter.safetensors"]
+    # The SLM adapter the devices get is the distilled one, not the plain FedAvg aggregate,
+    # and the LLM's own adapter moved too.
+    assert server_slm != rounds[-1]["metrics"]["aggregate_sha256"]
+    assert final["llm/adapter.safetensors"] != first["llm/adapter.safetensors"]
+    for k in range(2):
+        held = json.loads((tmp_path / f"device-{k}" / "final" / "final.json").read_text())
+        assert held["adapter_sha256"] == server_slm
+        assert held["rounds_trained"] == [1, 2]
+        adapter = tmp_path / f"device-{k}" / "final" / "slm" / "adapter.safetensors"
+        assert hashlib.sha256(adapter.read_bytes()).hexdigest() == server_slm
