@@ -229,8 +229,14 @@ class Coordinator:
                 raise unauthorized("unknown enroll token")
             if run.state != RunState.running.value:
                 raise ApiError(409, "run_over", f"run {run.name!r} has {run.state}; it takes no new devices")
+            try:
+                self.strategy(run).check_join(reg)
+            except SpecError as exc:
+                raise ApiError(409, "cannot_join", str(exc)) from None
             client = Client(id=uuid.uuid4().hex, run_id=run.id, name=reg.name,
-                            token_hash=hash_token(token), profile=reg.profile.model_dump())
+                            token_hash=hash_token(token),
+                            profile={**reg.profile.model_dump(), "task_kinds": reg.task_kinds,
+                                     "slm": reg.slm.model_dump() if reg.slm else None})
             s.add(client)
         log.info("enrolled client %s (%s) into run %s", client.id, reg.name, run.name)
         return ClientCredentials(client_id=client.id, run_id=run.id, token=token)

@@ -113,8 +113,11 @@ class CoordinatorClient:
 
     # -- devices -------------------------------------------------------------------------
 
-    def register(self, enroll_token: str, name: str, profile: DeviceProfile) -> ClientCredentials:
-        reg = ClientRegistration(name=name, profile=profile)
+    def register(self, enroll_token: str, registration: ClientRegistration | str,
+                 profile: DeviceProfile | None = None) -> ClientCredentials:
+        """Enroll a device; `registration` may be just a name (with an optional profile)."""
+        reg = registration if isinstance(registration, ClientRegistration) else ClientRegistration(
+            name=registration, profile=profile or DeviceProfile())
         creds = self._call("POST", "/v1/clients", ClientCredentials, token=enroll_token,
                            json=reg.model_dump(mode="json"))
         self.token = creds.token

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -122,9 +122,23 @@ class DeviceProfile(_Strict):
     backends: list[str] = Field(default_factory=list, max_length=16)
 
 
+class SlmInfo(_Strict):
+    """The SLM a device brings itself (structure-agnostic methods such as Co-PLMs)."""
+
+    arch: str = Field(..., max_length=64, description="model_type, e.g. llama, qwen2, gpt2")
+    num_parameters: int = Field(0, ge=0)
+    vocab_size: int = Field(0, ge=0)
+    tokenizer_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+
+
 class ClientRegistration(_Strict):
     name: str = Field("device", min_length=1, max_length=128)
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
+    task_kinds: list[str] = Field(
+        default_factory=lambda: ["lora_sft"], max_length=32,
+        description="the kinds of round task this device can run",
+    )
+    slm: SlmInfo | None = Field(None, description="the device's own SLM, when it brings one")
 
 
 class ClientCredentials(BaseModel):
@@ -140,12 +154,14 @@ class ArtifactRef(BaseModel):
 
 
 class ClientTask(BaseModel):
-    """What a device does in a round."""
+    """What a device does in a round. `kind` picks the device-side handler; `params`
+    carries what a kind needs beyond the LoRA and training settings."""
 
-    kind: Literal["lora_sft"] = "lora_sft"
+    kind: str = "lora_sft"
     lora: LoraSpec
     train: TrainSpec
     seed: int
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class RoundInfo(BaseModel):

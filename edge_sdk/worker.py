@@ -17,23 +17,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edge_sdk.client import CoordinatorClient, CoordinatorError
+from edge_sdk.handlers import HANDLERS, DeviceContext, TaskHandler, handler_for
 from edge_sdk.profile import detect_profile
 from edge_sdk.protocol import (
+    META_KIND,
     META_METRICS,
     META_NUM_SAMPLES,
     ArtifactRef,
     ClientCredentials,
+    ClientRegistration,
     RoundInfo,
     RoundState,
     RunState,
 )
+from edge_sdk.tensorfile import save_arrays
 
 log = logging.getLogger("cotune.edge")
 
-ADAPTER_NAME = "slm/adapter.safetensors"
 _ACCEPTING = (RoundState.open, RoundState.collecting)
 
 
@@ -48,6 +50,7 @@ class JoinConfig:
     poll_s: float = 1.0
     out_dir: Path | None = None
     progress: bool = True
+    local_slm: Path | None = None
 
 
 @dataclass
@@ -99,15 +102,31 @@ class EdgeWorker:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Read (and so check) the private data before talking to anyone.
-        self.records = read_jsonl(Path(config.data))
-        self.eval_records = read_jsonl(Path(config.eval_data)) if config.eval_data else []
+        records = read_jsonl(Path(config.data))
+        eval_records = read_jsonl(Path(config.eval_data)) if config.eval_data else []
         self.client = CoordinatorClient(config.coordinator)
-        self.cache = ArtifactCache(self.state_dir / "cache", self.client)
-        self._model: Any = None
-        self._model_key: tuple[str, ...] | None = None
+        self.ctx = DeviceContext(records=records, eval_records=eval_records,
+                                 cache=ArtifactCache(self.state_dir / "cache", self.client),
+                                 state_dir=self.state_dir, say=self.say, progress=config.progress,
+                                 local_slm=config.local_slm)
+        self._handlers: dict[str, TaskHandler] = {}
         self._rng = random.Random()
 
+    def handler(self, kind: str) -> TaskHandler:
+        if kind not in self._handlers:
+            self._handlers[kind] = handler_for(kind)(self.ctx)
+        return self._handlers[kind]
+
     # -- enrollment ----------------------------------------------------------------------
+
+    def registration(self) -> ClientRegistration:
+        slm = None
+        if self.config.local_slm is not None:
+            from edge_sdk.handlers.local_slm import describe_local_slm
+
+            slm = describe_local_slm(self.config.local_slm)
+        return ClientRegistration(name=self.config.name, profile=detect_profile(),
+                                  task_kinds=sorted(HANDLERS), slm=slm)
 
     def _credentials(self) -> ClientCredentials:
         path = self.state_dir / "credentials.json"
@@ -117,7 +136,7 @@ class EdgeWorker:
                 creds = ClientCredentials.model_validate(saved["credentials"])
                 self.client.token = creds.token
                 return creds
-        creds = self.client.register(self.config.enroll_token, self.config.name, detect_profile())
+        creds = self.client.register(self.config.enroll_token, self.registration())
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"coordinator": self.config.coordinator,
                                    "credentials": creds.model_dump()}))
@@ -151,9 +170,11 @@ class EdgeWorker:
     def _take_part(self, creds: ClientCredentials, info: RoundInfo) -> bool:
         pending = self.state_dir / f"pending-{creds.run_id}-{info.round}.safetensors"
         if not pending.exists():
-            body = self._train(info)
+            payload = self.handler(info.task.kind).run(info)
+            metadata = {META_NUM_SAMPLES: str(payload.num_samples), META_METRICS: json.dumps(payload.metrics),
+                        META_KIND: info.task.kind}
             tmp = pending.with_suffix(".tmp")
-            tmp.write_bytes(body)
+            tmp.write_bytes(save_arrays(payload.arrays, metadata))
             os.replace(tmp, pending)
         try:
             receipt = self.client.upload_update(creds.run_id, info.round, creds.client_id, pending.read_bytes())
@@ -168,53 +189,19 @@ class EdgeWorker:
                  f"({receipt.num_samples} samples, sha256 {receipt.sha256[:12]})")
         return True
 
-    def _load(self, info: RoundInfo) -> Any:
-        """The SLM with the round's adapter; the base is loaded once and kept."""
-        from edge_sdk.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
-        from edge_sdk.ml.tiny import load_checkpoint
-
-        base_refs = [r for r in info.artifacts if r.name.startswith("slm/") and r.name != ADAPTER_NAME]
-        key = tuple(sorted(r.sha256 for r in base_refs)) + (info.task.lora.model_dump_json(),)
-        if self._model_key != key:
-            model_dir = self.cache.materialize(base_refs, "slm", self.state_dir / "model")
-            model, tokenizer = load_checkpoint(model_dir)
-            self._model = (attach_lora(model, info.task.lora, info.task.seed), tokenizer)
-            self._model_key = key
-        adapter_ref = next(r for r in info.artifacts if r.name == ADAPTER_NAME)
-        tensors, _ = adapter_from_bytes(self.cache.fetch(adapter_ref).read_bytes())
-        load_adapter_state(self._model[0], tensors)
-        return self._model
-
-    def _train(self, info: RoundInfo) -> bytes:
-        from edge_sdk.ml.evaluate import evaluate
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes
-        from edge_sdk.ml.train import train_lora
-
-        self.say(f"round {info.round}/{info.rounds_total}: training on {len(self.records)} local records")
-        model, tokenizer = self._load(info)
-        metrics: dict[str, Any] = {}
-        if self.eval_records:
-            # How the model this round started from does on this device's held-out data.
-            metrics["local_eval_before"] = evaluate(model, tokenizer, self.eval_records)
-        report = train_lora(model, tokenizer, self.records, info.task.train, seed=info.task.seed,
-                            progress=self.config.progress)
-        metrics["train"] = report
-        metadata = {META_NUM_SAMPLES: str(len(self.records)), META_METRICS: json.dumps(metrics)}
-        return adapter_to_bytes(adapter_state(model), metadata)
-
     def _finish(self, info: RoundInfo, result: JoinResult) -> JoinResult:
         out_dir = Path(self.config.out_dir or self.state_dir / "final")
-        model_dir = self.cache.materialize(info.artifacts, "slm", out_dir / "slm")
-        adapter_ref = next(r for r in info.artifacts if r.name == ADAPTER_NAME)
-        result.final_adapter = model_dir / "adapter.safetensors"
-        result.final_adapter_sha256 = adapter_ref.sha256
-        result.model_dir = model_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = self.handler(info.task.kind).finish(info, out_dir)
+        result.final_adapter = final.adapter
+        result.final_adapter_sha256 = final.adapter_sha256
+        result.model_dir = final.model_dir
         (out_dir / "final.json").write_text(json.dumps({
             "run_id": result.run_id, "client_id": result.client_id, "round": info.round,
-            "adapter_sha256": adapter_ref.sha256, "rounds_trained": result.rounds_trained,
-            "artifacts": [r.model_dump() for r in info.artifacts],
+            "adapter_sha256": final.adapter_sha256, "rounds_trained": result.rounds_trained,
+            "model_dir": str(final.model_dir), "artifacts": [r.model_dump() for r in info.artifacts],
         }, indent=2))
-        self.say(f"run finished after round {info.round}; final adapter sha256 {adapter_ref.sha256[:12]} "
-                 f"in {model_dir}")
+        self.say(f"run finished after round {info.round}; final adapter sha256 {final.adapter_sha256[:12]} "
+                 f"in {final.model_dir}")
         self.client.close()
         return result

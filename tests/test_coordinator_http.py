@@ -221,3 +221,13 @@ def test_round_closes_and_late_update_is_refused(coord, devices, tmp_path) -> No
     assert summary["state"] == "closed"
     assert summary["num_updates"] == 3
     assert summary["num_samples"] == 12 + 4 + 4
+
+
+def test_a_device_that_cannot_run_the_task_is_refused(coord) -> None:
+    r = httpx.post(f"{coord.url}/v1/clients", timeout=10,
+                   headers={"Authorization": f"Bearer {coord.run['enroll_token']}"},
+                   json={"name": "old-device", "task_kinds": ["something_else"]})
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert detail["code"] == "cannot_join"
+    assert "lora_sft" in detail["message"]

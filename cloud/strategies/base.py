@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cloud.store import BlobStore
-from edge_sdk.protocol import ClientTask, RunSpec
+from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec
 from edge_sdk.tensorfile import Schema, check_schema, load_arrays, read_header, schema_of
 
 
@@ -58,6 +58,17 @@ class Strategy(ABC):
     def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:
         """Scores of the starting models (round 0 of the report)."""
         return {}
+
+    # The device-side handler this strategy's rounds need (edge_sdk.handlers).
+    task_kind: ClassVar[str] = "lora_sft"
+
+    def check_join(self, registration: ClientRegistration) -> None:
+        """Raise SpecError, saying why, if this device cannot take part in the run."""
+        if self.task_kind not in registration.task_kinds:
+            raise SpecError(
+                f"this run needs devices that can run {self.task_kind!r} tasks; this one offers "
+                f"{registration.task_kinds}; upgrade cotune on the device"
+            )
 
     @staticmethod
     def client_visible(name: str) -> bool:

@@ -1,0 +1,63 @@
+"""`lora_sft`: train the shared SLM's LoRA adapter on local data (FedAvg, FedCoLLM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
+from edge_sdk.protocol import RoundInfo
+
+ADAPTER_NAME = "slm/adapter.safetensors"
+
+
+class LoraSftHandler(TaskHandler):
+    kind = "lora_sft"
+    prefix = "slm"
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self._model: tuple[Any, Any] | None = None
+        self._model_key: tuple[str, ...] | None = None
+
+    def load(self, info: RoundInfo) -> tuple[Any, Any]:
+        """The SLM with the round's adapter; the base is fetched and loaded once, then kept."""
+        from edge_sdk.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
+        from edge_sdk.ml.tiny import load_checkpoint
+
+        adapter_name = f"{self.prefix}/adapter.safetensors"
+        base_refs = [r for r in info.artifacts if r.name.startswith(self.prefix + "/") and r.name != adapter_name]
+        key = tuple(sorted(r.sha256 for r in base_refs)) + (info.task.lora.model_dump_json(),)
+        if self._model_key != key:
+            model_dir = self.ctx.cache.materialize(base_refs, self.prefix, self.ctx.state_dir / "model" / self.prefix)
+            model, tokenizer = load_checkpoint(model_dir)
+            self._model = (attach_lora(model, info.task.lora, info.task.seed), tokenizer)
+            self._model_key = key
+        tensors, _ = adapter_from_bytes(self.ctx.cache.fetch(artifact(info, adapter_name)).read_bytes())
+        load_adapter_state(self._model[0], tensors)
+        return self._model
+
+    def run(self, info: RoundInfo) -> UpdatePayload:
+        from edge_sdk.ml.evaluate import evaluate
+        from edge_sdk.ml.lora import adapter_state
+        from edge_sdk.ml.train import train_lora
+
+        self.ctx.say(f"round {info.round}/{info.rounds_total}: training on {len(self.ctx.records)} local records")
+        model, tokenizer = self.load(info)
+        metrics: dict[str, Any] = {}
+        if self.ctx.eval_records:
+            # How the model this round started from does on this device's held-out data.
+            metrics["local_eval_before"] = evaluate(model, tokenizer, self.ctx.eval_records)
+        metrics["train"] = train_lora(model, tokenizer, self.ctx.records, info.task.train, seed=info.task.seed,
+                                      progress=self.ctx.progress)
+        arrays = {name: t.numpy() for name, t in adapter_state(model).items()}
+        return UpdatePayload(arrays=arrays, num_samples=len(self.ctx.records), metrics=metrics)
+
+    def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:
+        ref = artifact(info, f"{self.prefix}/adapter.safetensors")
+        model_dir = self.ctx.cache.materialize(
+            [r for r in info.artifacts if r.name.startswith(self.prefix + "/")], self.prefix, out_dir / self.prefix
+        )
+        (out_dir / "adapter_info.json").write_text(json.dumps({"lora": info.task.lora.model_dump()}, indent=2))
+        return FinalArtifacts(model_dir=model_dir, adapter=model_dir / "adapter.safetensors", adapter_sha256=ref.sha256)
