@@ -19,13 +19,17 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from cloud.db import Client, Round, Run, Update
+from cloud.db import Client, Round, RoundEvent, Run, Update
+from cloud.faults import failpoint
 from cloud.service import Coordinator, aware
 from cloud.strategies import UpdateFile
 from edge_sdk.protocol import RoundState, RunSpec, RunState
 from edge_sdk.tensorfile import save_arrays
 
 log = logging.getLogger("cotune.rounds")
+
+# States whose work is slow and done by one replica at a time, under a lease.
+_LEASED = (RoundState.aggregating, RoundState.server_step)
 
 
 def _now() -> datetime:
@@ -114,14 +118,36 @@ class RoundDriver:
     def _cas(self, rnd: Round, old: RoundState, new: RoundState, **values: Any) -> bool:
         """Move the round from `old` to `new` in one transaction; False if it was not in `old`."""
         with self.c.Session.begin() as s:
-            result = s.execute(
-                update(Round).where(Round.id == rnd.id, Round.state == old.value)
-                .values(state=new.value, **values)
-            )
-            moved = result.rowcount == 1
+            moved = self._cas_in(s, rnd, old, new, **values)
+        return moved
+
+    def _cas_in(self, s: Any, rnd: Round, old: RoundState, new: RoundState, **values: Any) -> bool:
+        # A slow step commits only while this replica still holds the round's lease, so two
+        # replicas sharing one database never both publish a result for the same step.
+        guard = [Round.id == rnd.id, Round.state == old.value]
+        if old in _LEASED:
+            guard.append(Round.lease_owner == self.c.instance_id)
+        moved = s.execute(
+            update(Round).where(*guard).values(state=new.value, lease_owner=None, lease_until=None, **values)
+        ).rowcount == 1
         if moved:
             log.info("run %s round %d: %s -> %s", rnd.run_id, rnd.number, old.value, new.value)
         return moved
+
+    def _claim(self, rnd: Round, state: RoundState) -> bool:
+        """Take (or renew) the lease on a round's slow step; False while another replica holds it."""
+        now = _now()
+        me = self.c.instance_id
+        with self.c.Session.begin() as s:
+            claimed = s.execute(
+                update(Round)
+                .where(Round.id == rnd.id, Round.state == state.value,
+                       (Round.lease_owner.is_(None)) | (Round.lease_owner == me) | (Round.lease_until < now))
+                .values(lease_owner=me, lease_until=now + timedelta(seconds=self.c.settings.lease_s))
+            ).rowcount == 1
+            if claimed:
+                s.add(RoundEvent(round_id=rnd.id, step=state.value, instance=me))
+        return claimed
 
     def _active_clients(self, run_id: str) -> int:
         with self.c.Session() as s:
@@ -148,6 +174,8 @@ class RoundDriver:
         return self._cas(rnd, RoundState.collecting, RoundState.aggregating)
 
     def _aggregating(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
+        if not self._claim(rnd, RoundState.aggregating):
+            return False
         strategy = self.c.strategy(run)
         with self.c.Session() as s:
             rows = list(s.execute(select(Update.sha256, Update.num_samples)
@@ -155,26 +183,26 @@ class RoundDriver:
         updates = (UpdateFile(self.c.store.path(sha), n) for sha, n in rows)
         aggregate = strategy.aggregate(updates, strategy.update_schema(dict(rnd.inputs)))
         digest = self.c.store.put_bytes(save_arrays(aggregate))
+        failpoint("aggregated")
         metrics = {**rnd.metrics, "num_updates": len(rows), "num_samples": sum(n for _, n in rows),
                    "aggregate_sha256": digest}
         return self._cas(rnd, RoundState.aggregating, RoundState.server_step,
                          aggregate_digest=digest, metrics=metrics)
 
     def _server_step(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
+        if not self._claim(rnd, RoundState.server_step):
+            return False
         strategy = self.c.strategy(run)
         started = _now()
         result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
+        failpoint("server_stepped")
         metrics = {**rnd.metrics, **result.metrics,
                    "server_step_s": round((_now() - started).total_seconds(), 3)}
         with self.c.Session.begin() as s:
-            moved = s.execute(
-                update(Round).where(Round.id == rnd.id, Round.state == RoundState.server_step.value)
-                .values(state=RoundState.publishing.value, outputs=result.outputs, metrics=metrics)
-            ).rowcount == 1
+            moved = self._cas_in(s, rnd, RoundState.server_step, RoundState.publishing,
+                                 outputs=result.outputs, metrics=metrics)
             if moved:
                 self.c._add_artifacts(s, run.id, result.outputs, strategy)
-        if moved:
-            log.info("run %s round %d: server_step -> publishing", run.id, rnd.number)
         return moved
 
     def _publishing(self, run: Run, rnd: Round, spec: RunSpec) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import uuid
 from collections import defaultdict
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from cloud.auth import hash_token, new_token, same_token
 from cloud.db import Artifact, Client, Round, Run, Transfer, Update, make_engine, make_sessionmaker
@@ -63,6 +65,7 @@ class Coordinator:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.holder = ModelHolder(self.store)
         self.admin_token = settings.admin_token or new_token()
+        self.instance_id = settings.instance_id or f"{socket.gethostname()}:{settings.port}"
         self._strategies: dict[str, Strategy] = {}
         self._strategies_lock = threading.Lock()
 
@@ -136,13 +139,17 @@ class Coordinator:
         except (OSError, ValueError) as exc:
             raise ApiError(422, "invalid_spec", f"cannot prepare the run's models: {exc}") from None
         stored_spec = json.loads(spec.model_copy(update={"enroll_token": None}).model_dump_json())
-        with self.Session.begin() as s:
-            s.add(Run(id=run_id, name=spec.name, algorithm=spec.algorithm, spec=stored_spec,
-                      state=RunState.running.value, current_round=1,
-                      enroll_token_hash=hash_token(enroll_token), artifacts={}, metrics={}))
-            s.flush()
-            s.add(Round(run_id=run_id, number=1, state=RoundState.open.value, inputs=inputs, metrics={}))
-            self._add_artifacts(s, run_id, inputs, strategy)
+        try:
+            with self.Session.begin() as s:
+                s.add(Run(id=run_id, name=spec.name, algorithm=spec.algorithm, spec=stored_spec,
+                          state=RunState.running.value, current_round=1,
+                          enroll_token_hash=hash_token(enroll_token), artifacts={}, metrics={}))
+                s.flush()
+                s.add(Round(run_id=run_id, number=1, state=RoundState.open.value, inputs=inputs, metrics={}))
+                self._add_artifacts(s, run_id, inputs, strategy)
+        except IntegrityError:
+            # Another replica created it between our check and our insert: answer as a resend.
+            return self.create_run(spec)
         with self._strategies_lock:
             self._strategies[run_id] = strategy
         log.info("created run %s (%s, %s)", spec.name, run_id, spec.algorithm)

@@ -29,6 +29,11 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     tick_s: float = Field(0.5, gt=0, description="how often the round driver looks at the runs")
     torch_threads: int | None = Field(None, ge=1)
+    instance_id: str | None = Field(
+        None, max_length=128,
+        description="names this replica in leases; stable across restarts (default: host:port)",
+    )
+    lease_s: float = Field(600.0, gt=0, description="how long a replica may hold a round's slow step")
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
 
 

@@ -27,7 +27,7 @@ from edge_sdk.tasks.synthetic import SyntheticSuite, all_text, make_suite, write
 CODE_VERSION = "demo-world-1"
 VOCAB_SIZE = 1024
 LLM = {"arch": "llama", "size": "base", "steps": 400, "lr": 3e-3, "batch_size": 32}
-SLM = {"arch": "llama", "size": "tiny", "steps": 80, "lr": 3e-3, "batch_size": 32}
+SLM = {"arch": "llama", "size": "tiny", "steps": 150, "lr": 3e-3, "batch_size": 32}
 MAX_LEN = 64
 _STATS = "world.json"
 

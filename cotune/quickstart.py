@@ -135,7 +135,10 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
         "llm": str(world.llm_dir), "rounds": rounds, "min_clients": min_clients or num_clients,
         "round_deadline_s": 300.0, "aux_data": str(world.data["aux"]), "eval_data": str(world.data["test"]),
         "seed": seed, "enroll_token": enroll_token,
-        "train": {"epochs": 2.0, "lr": 3e-3, "batch_size": 16, "max_len": 48},
+        # LoRA on every linear layer: attention alone leaves a tiny model too little to adapt.
+        "lora": {"r": 16, "alpha": 32.0, "target_modules": [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "train": {"epochs": 4.0, "lr": 5e-3, "batch_size": 16, "max_len": 48},
         "distill": {"epochs": 2.0, "lr": 3e-3, "batch_size": 16, "lambda_kd": 1.0, "temperature": 1.0},
     }
     config = write_server_config(state_dir / "coordinator.toml", port=port, state_dir=state_dir,

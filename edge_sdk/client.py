@@ -158,7 +158,7 @@ class CoordinatorClient:
                     _raise_for(response)
                 mode = "ab" if have and response.status_code == 206 else "wb"
                 with part.open(mode) as fh:
-                    for chunk in response.iter_bytes(1 << 20):
+                    for chunk in response.iter_bytes():  # as it arrives: a cut keeps what came
                         fh.write(chunk)
             digest = _sha256(part)
             if digest != ref.sha256:

@@ -67,6 +67,7 @@ class CoordinatorProcess:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     port: int = field(default_factory=free_port)
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     @property
@@ -77,16 +78,22 @@ class CoordinatorProcess:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
-    def start(self) -> CoordinatorProcess:
+    def start(self, env: dict[str, str] | None = None) -> CoordinatorProcess:
+        """Start (or restart, on the same state) and wait until it answers."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         config = write_server_config(self.state_dir / "coordinator.toml", port=self.port,
                                      state_dir=self.state_dir, admin_token=self.admin_token,
                                      run=self.run or {}, extra=self.extra)
         log = (self.state_dir / "coordinator.log").open("a")
         self.proc = subprocess.Popen(cotune_cmd("serve", "--config", str(config), "--threads", "1"),
-                                     stdout=log, stderr=subprocess.STDOUT, env=child_env())
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     env={**child_env(), **self.env, **(env or {})})
         wait_healthy(self.url, self.proc, timeout=120)
         return self
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, as in a crash or power cut."""
