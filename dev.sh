@@ -21,12 +21,29 @@ setup() {
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
 }
 
+# The state-layer tests also run against a real PostgreSQL server when one is installed
+# (Debian: apt-get install postgresql). This starts the local cluster and a test role.
+start_postgres() {
+  if [ -n "${COTUNE_TEST_POSTGRES_URL:-}" ]; then return; fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+    echo "PostgreSQL (Debian package, run as root) not found: its tests will be skipped" >&2
+    return
+  fi
+  local ver
+  ver=$(ls /usr/lib/postgresql | sort -n | tail -n 1)
+  pg_ctlcluster "$ver" main start 2>/dev/null || true
+  if ! su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'cotune'\"" | grep -q 1; then
+    su postgres -c "psql -qc \"CREATE ROLE cotune LOGIN SUPERUSER PASSWORD 'cotune'\""
+  fi
+  export COTUNE_TEST_POSTGRES_URL="postgresql+psycopg://cotune:cotune@127.0.0.1:5432/postgres"
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup) setup ;;
   quickstart) setup; exec "$VENV/bin/cotune" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) setup; start_postgres; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   lint) setup; exec "$VENV/bin/ruff" check . ;;
   *) sed -n '2,7p' "$0"; exit 1 ;;
 esac

@@ -38,3 +38,27 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     from tests.support import build_tiny_world
 
     return build_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path):
+    """A fresh, empty state database: a SQLite file, or a new database on a real PostgreSQL
+    server (COTUNE_TEST_POSTGRES_URL, which .ci/run sets after starting one)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    server = os.environ.get("COTUNE_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("no PostgreSQL server: set COTUNE_TEST_POSTGRES_URL (./dev.sh test starts one)")
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"cotune_test_{uuid.uuid4().hex[:12]}"
+    admin = make_url(server).set(drivername="postgresql")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -24,9 +24,9 @@ def _wait_finished(coord: CoordinatorProcess, run_id: str, timeout: float = 120)
     raise AssertionError(f"run did not finish:\n{coord.log_tail()}")
 
 
-def test_kill_mid_round_then_resume(world, tmp_path) -> None:
+def test_kill_mid_round_then_resume(world, tmp_path, state_url) -> None:
     spec = run_spec(world, name="crash", algorithm="fedavg", rounds=1, min_clients=2)
-    coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
+    coord = CoordinatorProcess(tmp_path / "coord", run=spec, extra={"state_url": state_url}).start()
     try:
         a, b = CoordinatorClient(coord.url), CoordinatorClient(coord.url)
         ca = a.register(spec["enroll_token"], "a", DeviceProfile())
