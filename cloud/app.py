@@ -26,6 +26,8 @@ from edge_sdk.protocol import (
     ClientCredentials,
     ClientRegistration,
     ErrorDetail,
+    GenerateRequest,
+    GenerateResponse,
     RoundInfo,
     RoundSummary,
     RunCreated,
@@ -169,6 +171,12 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
             coord.record_transfer(client, "down", _range_bytes(request.headers.get("range"), path))
         return FileResponse(path, media_type="application/octet-stream",
                             headers={"ETag": f'"{sha256}"', "Cache-Control": "private, immutable"})
+
+    @app.post("/v1/generate", tags=["inference"], responses={**_ERRORS, 422: {"model": ErrorDetail}})
+    def generate(request: GenerateRequest, coord: Coord,
+                 client: Annotated[Client, Depends(require_client)]) -> GenerateResponse:
+        """The run's LLM answers a prompt a device escalated (edge-to-cloud collaboration)."""
+        return coord.generate(client, request)
 
     @app.put(
         "/v1/runs/{run_id}/rounds/{number}/updates/{client_id}",

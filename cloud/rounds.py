@@ -110,7 +110,8 @@ class RoundDriver:
     def _initial_metrics(self, run: Run) -> None:
         with self.c.Session() as s:
             first = s.scalar(select(Round).where(Round.run_id == run.id, Round.number == 1))
-        metrics = self.c.strategy(run).initial_metrics(dict(first.inputs))
+        with self.c.model_lock:
+            metrics = self.c.strategy(run).initial_metrics(dict(first.inputs))
         with self.c.Session.begin() as s:
             row = s.get(Run, run.id)
             row.metrics = {**row.metrics, "initial": metrics}
@@ -194,7 +195,8 @@ class RoundDriver:
             return False
         strategy = self.c.strategy(run)
         started = _now()
-        result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
+        with self.c.model_lock:
+            result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
         failpoint("server_stepped")
         metrics = {**rnd.metrics, **result.metrics,
                    "server_step_s": round((_now() - started).total_seconds(), 3)}

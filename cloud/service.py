@@ -32,6 +32,8 @@ from edge_sdk.protocol import (
     ArtifactRef,
     ClientCredentials,
     ClientRegistration,
+    GenerateRequest,
+    GenerateResponse,
     RoundInfo,
     RoundState,
     RoundSummary,
@@ -68,6 +70,8 @@ class Coordinator:
         self.instance_id = settings.instance_id or f"{socket.gethostname()}:{settings.port}"
         self._strategies: dict[str, Strategy] = {}
         self._strategies_lock = threading.Lock()
+        # Held models are shared by the round driver (server steps) and /v1/generate.
+        self.model_lock = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -370,6 +374,29 @@ class Coordinator:
         log.info("run %s round %d: update from %s (%d samples)", run_id, number, client.id, num_samples)
         return UpdateReceipt(run_id=run_id, round=number, client_id=client.id, sha256=digest,
                              num_samples=num_samples, duplicate=False)
+
+
+    def generate(self, client: Client, request: GenerateRequest) -> GenerateResponse:
+        """Answer with the run's LLM and the adapter of its last closed round."""
+        from cloud.generation import complete
+
+        with self.Session() as s:
+            run = self._run(s, client.run_id)
+            rnd = self._round(s, run.id, run.current_round)
+            closed = run.state == RunState.finished.value
+            named = run.artifacts if closed and run.artifacts else rnd.inputs
+            round_of = run.current_round if closed else run.current_round - 1
+        spec = RunSpec.model_validate(run.spec)
+        adapter = named.get("llm/adapter.safetensors")
+        if spec.llm is None or adapter is None:
+            raise ApiError(409, "no_llm", f"run {run.name!r} ({run.algorithm}) holds no LLM to answer with",
+                           "answer on the device, or enroll in a run that co-tunes an LLM")
+        with self.model_lock:
+            model, tokenizer = self.holder.with_adapter(spec.llm, spec.lora, spec.seed, adapter)
+            try:
+                return complete(model, tokenizer, request, f"{run.name}/llm@round{round_of}")
+            except ValueError as exc:
+                raise ApiError(422, "prompt_too_long", str(exc)) from None
 
 
 def _parse_metrics(metadata: dict[str, str]) -> dict[str, Any]:

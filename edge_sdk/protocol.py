@@ -99,6 +99,11 @@ class RunSpec(_Strict):
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
     )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings of the chosen algorithm beyond the shared ones; co-plms and crosslm validate "
+        "them into their own typed models (unknown keys are refused there)",
+    )
 
     @field_validator("algorithm")
     @classmethod
@@ -206,6 +211,23 @@ class RunStatus(BaseModel):
     num_clients: int
     error: str | None = None
     rounds: list[RoundSummary] = Field(default_factory=list)
+
+
+class GenerateRequest(_Strict):
+    """`POST /v1/generate`: a device escalates a prompt to the coordinator's LLM."""
+
+    prompt: str = Field(..., min_length=1, max_length=32_000)
+    max_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    tokens: int = Field(description="tokens generated")
+    model: str = Field(description="which model answered, with the round of its adapter")
+    seconds: float
 
 
 class ErrorDetail(BaseModel):

@@ -238,3 +238,11 @@ def test_a_device_that_cannot_run_the_task_is_refused(coord) -> None:
     detail = r.json()["detail"]
     assert detail["code"] == "cannot_join"
     assert "lora_sft" in detail["message"]
+
+
+def test_generate_needs_a_run_with_an_llm(coord, devices) -> None:
+    client, _ = devices[0]
+    r = httpx.post(f"{coord.url}/v1/generate", json={"prompt": "hello"}, timeout=10,
+                   headers={"Authorization": f"Bearer {client.token}"})
+    assert r.status_code == 409
+    assert r.json()["detail"]["code"] == "no_llm"

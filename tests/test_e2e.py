@@ -6,6 +6,8 @@ import hashlib
 import json
 import subprocess
 
+import httpx
+
 from cotune.quickstart import child_env
 from tests.support import CoordinatorProcess, join_cmd, run_spec
 
@@ -22,6 +24,23 @@ def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
             code = proc.wait(300)
             assert code == 0, f"device {k} failed:\n{(tmp_path / f'device-{k}.log').read_text()[-3000:]}"
         status = coord.status(coord.run_id())
+        # A device escalates a prompt to the co-tuned LLM.
+        creds = json.loads((tmp_path / "device-0" / "credentials.json").read_text())["credentials"]
+        answer = httpx.post(f"{coord.url}/v1/generate", timeout=60,
+                            headers={"Authorization": f"Bearer {creds['token']}"},
+                            json={"prompt": "Translate to Velish: red fox", "max_tokens": 6})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"].endswith("llm@round2")
+        assert answer.json()["tokens"] <= 6  # an untrained tiny LLM may stop at once
+        again = httpx.post(f"{coord.url}/v1/generate", timeout=60,
+                           headers={"Authorization": f"Bearer {creds['token']}"},
+                           json={"prompt": "Translate to Velish: red fox", "max_tokens": 6})
+        assert again.json()["text"] == answer.json()["text"], "greedy answers are deterministic"
+        too_long = httpx.post(f"{coord.url}/v1/generate", timeout=60,
+                              headers={"Authorization": f"Bearer {creds['token']}"},
+                              json={"prompt": "fox " * 400, "max_tokens": 6})
+        assert too_long.status_code == 422 and too_long.json()["detail"]["code"] == "prompt_too_long"
+        assert httpx.post(f"{coord.url}/v1/generate", json={"prompt": "x"}, timeout=10).status_code == 401
     finally:
         for proc in devices:
             if proc.poll() is None:
