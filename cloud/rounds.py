@@ -181,12 +181,18 @@ class RoundDriver:
         with self.c.Session() as s:
             rows = list(s.execute(select(Update.sha256, Update.num_samples)
                                   .where(Update.round_id == rnd.id).order_by(Update.id)))
+            client_metrics = list(s.scalars(select(Update.metrics).where(Update.round_id == rnd.id)))
         updates = (UpdateFile(self.c.store.path(sha), n) for sha, n in rows)
         aggregate = strategy.aggregate(updates, strategy.update_schema(dict(rnd.inputs)))
         digest = self.c.store.put_bytes(save_arrays(aggregate))
         failpoint("aggregated")
         metrics = {**rnd.metrics, "num_updates": len(rows), "num_samples": sum(n for _, n in rows),
                    "aggregate_sha256": digest}
+        # Devices report the privacy they have spent; the round's figure is the worst of them.
+        epsilons = [m["privacy"]["epsilon"] for m in client_metrics
+                    if isinstance(m.get("privacy"), dict) and m["privacy"].get("epsilon") is not None]
+        if epsilons:
+            metrics["privacy_epsilon_max"] = max(epsilons)
         return self._cas(rnd, RoundState.aggregating, RoundState.server_step,
                          aggregate_digest=digest, metrics=metrics)
 

@@ -77,6 +77,15 @@ class DistillSpec(_Strict):
     max_steps: int | None = Field(None, ge=1)
 
 
+class PrivacySpec(_Strict):
+    """Local differential privacy: each device clips its update's change to `clip_norm` (L2)
+    and adds Gaussian noise of std `noise_multiplier * clip_norm` before uploading."""
+
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(0.0, ge=0, description="0 clips without noise (no DP guarantee)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
 class RunSpec(_Strict):
     """What an admin asks for with `POST /v1/runs`. Paths are on the coordinator's disk."""
 
@@ -95,6 +104,7 @@ class RunSpec(_Strict):
     aux_data: str | None = Field(None, description="JSONL public auxiliary data (server side)")
     eval_data: str | None = Field(None, description="JSONL held-out data the server scores on")
     eval_max_new_tokens: int = Field(24, ge=1, le=512)
+    privacy: PrivacySpec | None = Field(None, description="local DP on every device update")
     seed: int = 0
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
@@ -167,6 +177,7 @@ class ClientTask(BaseModel):
     train: TrainSpec
     seed: int
     params: dict[str, Any] = Field(default_factory=dict)
+    privacy: PrivacySpec | None = None
 
 
 class RoundInfo(BaseModel):

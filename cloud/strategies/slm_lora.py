@@ -43,7 +43,8 @@ class SlmLoraStrategy(Strategy):
         return self.spec.seed * 100_003 + round_number
 
     def client_task(self, round_number: int) -> ClientTask:
-        return ClientTask(lora=self.spec.lora, train=self.spec.train, seed=self.round_seed(round_number))
+        return ClientTask(lora=self.spec.lora, train=self.spec.train, seed=self.round_seed(round_number),
+                          privacy=self.spec.privacy)
 
     def initial_inputs(self) -> dict[str, str]:
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), "slm")

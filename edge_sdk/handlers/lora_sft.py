@@ -12,6 +12,30 @@ from edge_sdk.protocol import RoundInfo
 ADAPTER_NAME = "slm/adapter.safetensors"
 
 
+def privatize_update(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Clip and noise the update on the device; count the releases this device has made in
+    the run (kept in its state directory) to report the privacy spent so far."""
+    from edge_sdk.privacy import gaussian_epsilon, privatize
+
+    spec = info.task.privacy
+    ledger_path = Path(ctx.state_dir) / f"privacy-{info.run_id}.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"rounds": []}
+    if info.round not in ledger["rounds"]:
+        ledger["rounds"].append(info.round)
+    result = privatize(start, trained, spec.clip_norm, spec.noise_multiplier)
+    releases = len(ledger["rounds"])
+    tmp = ledger_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ledger))
+    tmp.replace(ledger_path)
+    epsilon = gaussian_epsilon(spec.noise_multiplier, releases, spec.delta)
+    return result.arrays, {
+        "epsilon": epsilon if epsilon != float("inf") else None, "delta": spec.delta, "releases": releases,
+        "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier,
+        "update_norm": round(result.norm_before, 6), "clipped": result.clipped,
+    }
+
+
 class LoraSftHandler(TaskHandler):
     kind = "lora_sft"
     prefix = "slm"
@@ -49,9 +73,12 @@ class LoraSftHandler(TaskHandler):
         if self.ctx.eval_records:
             # How the model this round started from does on this device's held-out data.
             metrics["local_eval_before"] = evaluate(model, tokenizer, self.ctx.eval_records)
+        start = {name: t.numpy().copy() for name, t in adapter_state(model).items()}
         metrics["train"] = train_lora(model, tokenizer, self.ctx.records, info.task.train, seed=info.task.seed,
                                       progress=self.ctx.progress)
         arrays = {name: t.numpy() for name, t in adapter_state(model).items()}
+        if info.task.privacy is not None:
+            arrays, metrics["privacy"] = privatize_update(self.ctx, info, start, arrays)
         return UpdatePayload(arrays=arrays, num_samples=len(self.ctx.records), metrics=metrics)
 
     def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:
