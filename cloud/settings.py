@@ -26,6 +26,8 @@ class CoordinatorSettings(BaseSettings):
     admin_token: str | None = Field(
         None, min_length=16, description="bearer token for run management; generated if unset"
     )
+    tls_certfile: Path | None = Field(None, description="PEM certificate: serve HTTPS (with tls_keyfile)")
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile")
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     tick_s: float = Field(0.5, gt=0, description="how often the round driver looks at the runs")
     torch_threads: int | None = Field(None, ge=1)
@@ -35,6 +37,14 @@ class CoordinatorSettings(BaseSettings):
     )
     lease_s: float = Field(600.0, gt=0, description="how long a replica may hold a round's slow step")
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
+
+
+def check_tls(settings: CoordinatorSettings) -> None:
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+    for path in (settings.tls_certfile, settings.tls_keyfile):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"TLS file {path} does not exist")
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> CoordinatorSettings:

@@ -69,6 +69,8 @@ def serve(
     enroll_token: Annotated[
         str | None, typer.Option(envvar="COTUNE_ENROLL_TOKEN", help="token devices enroll with")
     ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
     """Start the coordinator (FastAPI + the round driver).
@@ -80,7 +82,7 @@ def serve(
     import uvicorn
 
     from cloud.app import create_app
-    from cloud.settings import load_settings
+    from cloud.settings import check_tls, load_settings
 
     _threads(threads)
     run: dict[str, Any] = {k: v for k, v in {
@@ -91,7 +93,9 @@ def serve(
     settings = load_settings(
         config, host=host, port=port, state_url=state_url, artifact_dir=artifact_dir,
         admin_token=admin_token, torch_threads=threads, run=run or None,
+        tls_certfile=tls_cert, tls_keyfile=tls_key,
     )
+    check_tls(settings)
     if settings.admin_token is None:
         from cloud.auth import new_token
 
@@ -101,7 +105,8 @@ def serve(
         token_file.write_text(settings.admin_token)
         token_file.chmod(0o600)
         typer.echo(f"admin token written to {token_file}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
 
 
 @edge_app.command("join")
@@ -116,13 +121,15 @@ def edge_join(
     poll: Annotated[float, typer.Option(help="seconds between polls while waiting")] = 1.0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    ca_cert: Annotated[Path | None, typer.Option(help="PEM CA bundle to trust for an https coordinator")] = None,
 ) -> None:
     """Take part in a run until it ends: pull, train locally, upload, repeat."""
     _threads(threads)
     from edge_sdk.worker import EdgeWorker, JoinConfig
 
     cfg = JoinConfig(coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data,
-                     name=name, state_dir=state_dir, out_dir=out, poll_s=poll, progress=progress)
+                     name=name, state_dir=state_dir, out_dir=out, poll_s=poll, progress=progress,
+                     ca_cert=ca_cert)
     result = EdgeWorker(cfg, on_event=lambda msg: typer.echo(f"[{name}] {msg}")).run()
     typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")
 

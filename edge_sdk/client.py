@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,7 +71,7 @@ class CoordinatorClient:
         timeout: float = 60.0,
         backoff: Backoff = Backoff(),
         on_retry: Callable[[int, BaseException, float], None] | None = None,
-        verify: bool | str = True,
+        verify: bool | str | Path = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
@@ -80,7 +81,7 @@ class CoordinatorClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=10.0),
             headers={"User-Agent": f"cotune-edge/{__version__}"},
-            verify=verify,
+            verify=_tls_context(verify),
         )
 
     def close(self) -> None:
@@ -176,6 +177,16 @@ class CoordinatorClient:
 
     def healthz(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
+
+
+def _tls_context(verify: bool | str | Path) -> bool | ssl.SSLContext:
+    """A CA bundle path becomes an SSL context that trusts it (e.g. a self-signed coordinator)."""
+    if isinstance(verify, bool):
+        return verify
+    path = Path(verify)
+    if not path.is_file():
+        raise FileNotFoundError(f"CA certificate {path} does not exist")
+    return ssl.create_default_context(cafile=str(path))
 
 
 def _sha256(path: Path) -> str:

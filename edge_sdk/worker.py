@@ -51,6 +51,7 @@ class JoinConfig:
     out_dir: Path | None = None
     progress: bool = True
     local_slm: Path | None = None
+    ca_cert: Path | None = None
 
 
 @dataclass
@@ -104,7 +105,8 @@ class EdgeWorker:
         # Read (and so check) the private data before talking to anyone.
         records = read_jsonl(Path(config.data))
         eval_records = read_jsonl(Path(config.eval_data)) if config.eval_data else []
-        self.client = CoordinatorClient(config.coordinator)
+        self.client = CoordinatorClient(config.coordinator,
+                                        verify=str(config.ca_cert) if config.ca_cert else True)
         self.ctx = DeviceContext(records=records, eval_records=eval_records,
                                  cache=ArtifactCache(self.state_dir / "cache", self.client),
                                  state_dir=self.state_dir, say=self.say, progress=config.progress,
