@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -56,6 +57,10 @@ def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_
 
 
 Coord = Annotated[Coordinator, Depends(get_coordinator)]
+# Bounded path parameters: an id or round number out of range is a 422, never a database error.
+RunId = Annotated[str, FastApiPath(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+ClientId = Annotated[str, FastApiPath(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+RoundNo = Annotated[int, FastApiPath(ge=1, le=1_000_000)]
 Token = Annotated[str | None, Depends(bearer_token)]
 
 
@@ -72,6 +77,9 @@ def admin_or_client(coord: Coord, token: Token) -> Client | None:
     if coord.is_admin(token):
         return None
     return coord.authenticate_client(token)
+
+
+Viewer = Annotated[Client | None, Depends(admin_or_client)]
 
 
 def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> FastAPI:
@@ -137,16 +145,16 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
         return coord.list_runs()
 
     @app.get("/v1/runs/{run_id}", tags=["runs"], responses=_ERRORS)
-    def run_status(run_id: str, coord: Coord, viewer: Annotated[Client | None, Depends(admin_or_client)]) -> RunStatus:
+    def run_status(run_id: RunId, coord: Coord, viewer: Viewer) -> RunStatus:
         return coord.run_status(run_id, viewer)
 
     @app.get("/v1/runs/{run_id}/rounds/current", tags=["rounds"], responses=_ERRORS)
-    def current_round(run_id: str, coord: Coord, client: Annotated[Client, Depends(require_client)]) -> RoundInfo:
+    def current_round(run_id: RunId, coord: Coord, client: Annotated[Client, Depends(require_client)]) -> RoundInfo:
         return coord.current_round(client, run_id)
 
     @app.get("/v1/runs/{run_id}/rounds/{number}", tags=["rounds"], responses=_ERRORS)
-    def round_summary(run_id: str, number: int, coord: Coord,
-                      viewer: Annotated[Client | None, Depends(admin_or_client)]) -> RoundSummary:
+    def round_summary(run_id: RunId, number: RoundNo, coord: Coord,
+                      viewer: Viewer) -> RoundSummary:
         return coord.round_summary(run_id, number, viewer)
 
     @app.post("/v1/clients", tags=["clients"], status_code=201, responses=_ERRORS)
@@ -155,7 +163,7 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
 
     @app.delete("/v1/clients/{client_id}", tags=["clients"], status_code=204, responses=_ERRORS,
                 dependencies=[Depends(require_admin)])
-    def revoke_client(client_id: str, coord: Coord) -> Response:
+    def revoke_client(client_id: ClientId, coord: Coord) -> Response:
         coord.revoke_client(client_id)
         return Response(status_code=204)
 
@@ -188,7 +196,7 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
             "description": "safetensors file; metadata holds cotune.num_samples and cotune.metrics"}},
     )
-    async def upload_update(run_id: str, number: int, client_id: str, request: Request,
+    async def upload_update(run_id: RunId, number: RoundNo, client_id: ClientId, request: Request,
                             response: Response, coord: Coord, token: Token) -> UpdateReceipt:
         client = await run_in_threadpool(coord.authenticate_client, token)
         await run_in_threadpool(coord.check_can_upload, client, run_id, number, client_id)
