@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 edge_app = typer.Typer(help="Device side: take part in a co-tuning run.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
+bench_app = typer.Typer(help="Benchmarks: each writes JSON, a markdown table and a PNG plot.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 _state: dict[str, Any] = {"debug": False}
 
@@ -146,6 +148,22 @@ def demo(
     from cotune.quickstart import run_quickstart
 
     run_quickstart(workdir=workdir, num_clients=clients, rounds=rounds, algorithm=algorithm, seed=seed)
+
+
+@bench_app.command("load")
+def bench_load(
+    clients: Annotated[str, typer.Option(help="comma-separated numbers of simulated devices")] = "10,100,1000",
+    concurrency: Annotated[int, typer.Option(help="devices in flight at once")] = 32,
+    out: Annotated[Path, typer.Option(help="results directory")] = Path("results/load"),
+) -> None:
+    """Load a live coordinator with N simulated devices (register, poll, download, upload 1 MiB).
+
+    Reports throughput, p50/p99 latency per operation and the coordinator's memory while it
+    aggregates, which must stay flat as N grows.
+    """
+    from benchmarks.coordinator_load import run_load_benchmark
+
+    run_load_benchmark([int(x) for x in clients.split(",")], out, concurrency)
 
 
 def main() -> None:
