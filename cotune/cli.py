@@ -150,6 +150,35 @@ def demo(
     run_quickstart(workdir=workdir, num_clients=clients, rounds=rounds, algorithm=algorithm, seed=seed)
 
 
+@app.command()
+def status(
+    coordinator: Annotated[str, typer.Option(help="coordinator URL")] = "http://127.0.0.1:8080",
+    admin_token: Annotated[str, typer.Option(envvar="COTUNE_ADMIN_TOKEN", help="admin bearer token")] = "",
+    run: Annotated[str | None, typer.Option(help="a run id or name (default: every run)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
+) -> None:
+    """Show runs and their per-round scores and bytes moved, as the admin sees them."""
+    import json
+
+    from cotune.quickstart import run_table
+    from edge_sdk.client import CoordinatorClient
+    from edge_sdk.protocol import RunStatus
+    from edge_sdk.retry import Backoff
+
+    with CoordinatorClient(coordinator, token=admin_token or None, backoff=Backoff(max_tries=2)) as client:
+        runs = [RunStatus.model_validate(r) for r in client._call("GET", "/v1/runs")]
+    chosen = [r for r in runs if run in (None, r.run_id, r.name)]
+    if run is not None and not chosen:
+        raise ValueError(f"no run {run!r} on {coordinator}; it has {[r.name for r in runs]}")
+    for r in chosen:
+        if as_json:
+            typer.echo(json.dumps(r.model_dump(mode="json"), indent=2))
+            continue
+        typer.echo(f"\n{r.name} ({r.run_id}): {r.algorithm}, {r.state.value}, round {r.current_round}/"
+                   f"{r.rounds_total}, {r.num_clients} devices" + (f", error: {r.error}" if r.error else ""))
+        typer.echo(run_table(r))
+
+
 @bench_app.command("load")
 def bench_load(
     clients: Annotated[str, typer.Option(help="comma-separated numbers of simulated devices")] = "10,100,1000",
