@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi import Path as FastApiPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -24,8 +24,12 @@ from cloud.settings import CoordinatorSettings
 from edge_sdk import __version__
 from edge_sdk.protocol import (
     SHA256_PATTERN,
+    BuildInfo,
+    BuildList,
+    BuildRequest,
     ClientCredentials,
     ClientRegistration,
+    DeviceProfile,
     ErrorDetail,
     GenerateRequest,
     GenerateResponse,
@@ -179,6 +183,30 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
             coord.record_transfer(client, "down", _range_bytes(request.headers.get("range"), path))
         return FileResponse(path, media_type="application/octet-stream",
                             headers={"ETag": f'"{sha256}"', "Cache-Control": "private, immutable"})
+
+    @app.post("/v1/runs/{run_id}/builds", tags=["builds"], status_code=201,
+              responses={**_ERRORS, 422: {"model": ErrorDetail}}, dependencies=[Depends(require_admin)])
+    def publish_builds(run_id: RunId, request: BuildRequest, coord: Coord) -> list[BuildInfo]:
+        """Export the run's current SLM to edge builds now (GGUF / ONNX), with parity checks."""
+        from cloud.builds import publish_builds as publish
+
+        return publish(coord, run_id, request.targets)
+
+    @app.get("/v1/runs/{run_id}/builds", tags=["builds"], responses=_ERRORS)
+    def list_builds(run_id: RunId, coord: Coord, viewer: Viewer,
+                    arch: Annotated[str | None, Query(max_length=64)] = None,
+                    ram_bytes: Annotated[int | None, Query(ge=0, le=2**50)] = None,
+                    cores: Annotated[int, Query(ge=1, le=4096)] = 1,
+                    backends: Annotated[str | None, Query(max_length=256, description="comma-separated")] = None,
+                    ) -> BuildList:
+        """The run's edge builds; with a device profile, also the one that fits it best."""
+        from cloud.builds import list_builds as listing
+
+        profile = None
+        if arch is not None or ram_bytes is not None or backends is not None:
+            profile = DeviceProfile(arch=arch or "unknown", ram_bytes=ram_bytes or 0, cores=cores,
+                                    backends=[b for b in (backends or "").split(",") if b][:16])
+        return listing(coord, run_id, viewer, profile)
 
     @app.post("/v1/generate", tags=["inference"], responses={**_ERRORS, 422: {"model": ErrorDetail}})
     def generate(request: GenerateRequest, coord: Coord,

@@ -127,6 +127,20 @@ class Artifact(Base):
     client_visible: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class Build(Base):
+    """An edge build of a run's SLM (GGUF / ONNX), its files stored as artifacts."""
+
+    __tablename__ = "builds"
+    __table_args__ = (UniqueConstraint("run_id", "round", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Transfer(Base):
     """Bytes a client moved, per round, for the bytes-per-round accounting."""
 
@@ -135,7 +149,8 @@ class Transfer(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
-    round: Mapped[int] = mapped_column(Integer)
+    # None once the run is over (the final model and its edge builds): outside any round.
+    round: Mapped[int | None] = mapped_column(Integer, nullable=True)
     direction: Mapped[str] = mapped_column(String(4))  # "up" | "down"
     bytes: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -72,7 +72,26 @@ class RoundDriver:
         moved = False
         for run_id in run_ids:
             moved |= self.advance(run_id)
-        return moved
+        return self._publish_pending_builds() or moved
+
+    def _publish_pending_builds(self) -> bool:
+        """After a run's last round, export the edge builds its spec asks for (once)."""
+        from cloud.builds import publish_builds
+
+        with self.c.Session() as s:
+            runs = [r for r in s.scalars(select(Run).where(Run.state == RunState.finished.value))
+                    if r.spec.get("builds") and "builds" not in r.metrics]
+        for run in runs:
+            try:
+                record: dict[str, Any] = {"names": [b.name for b in publish_builds(self.c, run.id, run.spec["builds"])]}
+            except Exception as exc:  # the run itself succeeded; only its builds failed
+                log.exception("run %s: publishing builds failed", run.id)
+                detail = getattr(exc, "detail", None)
+                record = {"error": detail.message if detail is not None else f"{type(exc).__name__}: {exc}"}
+            with self.c.Session.begin() as s:
+                row = s.get(Run, run.id)
+                row.metrics = {**row.metrics, "builds": record}
+        return bool(runs)
 
     def advance(self, run_id: str) -> bool:
         with self.c.Session() as s:

@@ -275,7 +275,7 @@ class Coordinator:
             run_id=run.id, run_state=RunState(run.state), rounds_total=run.spec["rounds"],
             round=rnd.number, state=RoundState(rnd.state), deadline=aware(rnd.deadline_at),
             artifacts=self._refs(named, True, strategy), task=strategy.client_task(rnd.number),
-            submitted=bool(submitted),
+            submitted=bool(submitted), builds=builds_state(run),
         )
 
     def artifact_for_download(self, token: str | None, digest: str) -> tuple[Path, Client | None]:
@@ -297,7 +297,8 @@ class Coordinator:
     def record_transfer(self, client: Client, direction: str, nbytes: int) -> None:
         with self.Session.begin() as s:
             run = s.get(Run, client.run_id)
-            s.add(Transfer(run_id=client.run_id, client_id=client.id, round=run.current_round,
+            number = run.current_round if run.state == RunState.running.value else None
+            s.add(Transfer(run_id=client.run_id, client_id=client.id, round=number,
                            direction=direction, bytes=nbytes))
 
     # -- updates -------------------------------------------------------------------------
@@ -397,6 +398,16 @@ class Coordinator:
                 return complete(model, tokenizer, request, f"{run.name}/llm@round{round_of}")
             except ValueError as exc:
                 raise ApiError(422, "prompt_too_long", str(exc)) from None
+
+
+def builds_state(run: Run) -> str:
+    """none (the run asks for no builds), pending, ready or failed."""
+    if not run.spec.get("builds"):
+        return "none"
+    record = run.metrics.get("builds")
+    if record is None:
+        return "failed" if run.state == RunState.failed.value else "pending"
+    return "failed" if "error" in record else "ready"
 
 
 def _parse_metrics(metadata: dict[str, str]) -> dict[str, Any]:

@@ -135,6 +135,9 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
         "llm": str(world.llm_dir), "rounds": rounds, "min_clients": min_clients or num_clients,
         "round_deadline_s": 300.0, "aux_data": str(world.data["aux"]), "eval_data": str(world.data["test"]),
         "seed": seed, "enroll_token": enroll_token,
+        # After the last round the coordinator exports the co-tuned SLM; each device pulls the
+        # build that fits it and answers locally with llama.cpp.
+        "builds": ["gguf:f16", "gguf:q8_0"],
         # LoRA on every linear layer: attention alone leaves a tiny model too little to adapt.
         "lora": {"r": 16, "alpha": 32.0, "target_modules": [
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
@@ -179,12 +182,33 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
     print(f"\n{algorithm}: {num_clients} devices, {rounds} rounds, {wall:.0f} s wall time; "
           f"every device holds the server's final SLM adapter: {digests == {final_digest}} "
           f"(sha256 {final_digest[:12]})")
+    local = _answer_locally(finals[0], world.data["client_0_test"])
     result = {"algorithm": algorithm, "clients": num_clients, "rounds": rounds, "wall_s": round(wall, 1),
               "final_adapter_sha256": final_digest, "devices_match": digests == {final_digest},
-              "status": json.loads(status.model_dump_json()), "table": table}
+              "status": json.loads(status.model_dump_json()), "table": table, "device_0_local": local}
     (workdir / "quickstart.json").write_text(json.dumps(result, indent=2))
     (workdir / "quickstart.md").write_text(table + "\n")
     return result
+
+
+def _answer_locally(final: dict[str, Any], test_file: Path, n: int = 3) -> dict[str, Any] | None:
+    """Device 0 answers a few of its held-out prompts with the edge build it pulled."""
+    if not final.get("build_dir"):
+        print("device 0 pulled no edge build; skipping the local answers")
+        return None
+    from edge_sdk.ml.batching import format_prompt
+    from edge_sdk.runtime import EdgeModel
+    from edge_sdk.tasks.records import read_jsonl
+
+    model = EdgeModel.load(final["build_dir"])
+    name = Path(final["build_dir"]).name
+    print(f"\ndevice 0 answers on its own with the {name} build (llama.cpp):")
+    rows = []
+    for record in read_jsonl(test_file)[:n]:
+        out = model.generate(format_prompt(record.prompt), max_tokens=16, stop=["\n"])
+        rows.append({"prompt": record.prompt, "answer": out.text.strip(), "reference": record.response})
+        print(f"  {record.prompt!r} -> {out.text.strip()!r} (reference {record.response!r})")
+    return {"build": name, "answers": rows}
 
 
 def _follow(url: str, admin_token: str, procs: Processes, rounds: int, tqdm: Any) -> RunStatus:

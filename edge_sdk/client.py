@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from edge_sdk import __version__
 from edge_sdk.protocol import (
     ArtifactRef,
+    BuildList,
     ClientCredentials,
     ClientRegistration,
     DeviceProfile,
@@ -132,6 +133,13 @@ class CoordinatorClient:
 
     def round_summary(self, run_id: str, number: int) -> RoundSummary:
         return self._call("GET", f"/v1/runs/{run_id}/rounds/{number}", RoundSummary)
+
+    def builds(self, run_id: str, profile: DeviceProfile | None = None) -> BuildList:
+        params: dict[str, Any] = {}
+        if profile is not None:
+            params = {"arch": profile.arch, "ram_bytes": profile.ram_bytes, "cores": profile.cores,
+                      "backends": ",".join(profile.backends)}
+        return self._call("GET", f"/v1/runs/{run_id}/builds", BuildList, params=params)
 
     def upload_update(self, run_id: str, number: int, client_id: str, body: bytes) -> UpdateReceipt:
         # Safe to retry: the coordinator accepts the same bytes once and answers the

@@ -105,6 +105,10 @@ class RunSpec(_Strict):
     eval_data: str | None = Field(None, description="JSONL held-out data the server scores on")
     eval_max_new_tokens: int = Field(24, ge=1, le=512)
     privacy: PrivacySpec | None = Field(None, description="local DP on every device update")
+    builds: list[str] = Field(
+        default_factory=list, max_length=16,
+        description='edge builds of the SLM to publish after the last round, e.g. ["gguf:q8_0", "onnx:int8"]',
+    )
     seed: int = 0
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
@@ -190,6 +194,7 @@ class RoundInfo(BaseModel):
     artifacts: list[ArtifactRef]
     task: ClientTask
     submitted: bool = Field(description="whether this client's update for the round is in")
+    builds: str = Field("none", description="edge builds of the final model: none | pending | ready | failed")
 
 
 class UpdateReceipt(BaseModel):
@@ -239,6 +244,25 @@ class GenerateResponse(BaseModel):
     tokens: int = Field(description="tokens generated")
     model: str = Field(description="which model answered, with the round of its adapter")
     seconds: float
+
+
+class BuildInfo(BaseModel):
+    """One edge build of a run's SLM: its manifest, and the files to download by digest."""
+
+    name: str = Field(description="e.g. gguf-q8_0, onnx-int8")
+    round: int
+    manifest: dict[str, Any] = Field(description="the build's manifest.json (edge_sdk.manifest.BuildManifest)")
+    files: list[ArtifactRef]
+
+
+class BuildList(BaseModel):
+    best: BuildInfo | None = Field(None, description="the build that fits the given device profile best")
+    reason: str | None = Field(None, description="why no build fits, when none does")
+    builds: list[BuildInfo]
+
+
+class BuildRequest(_Strict):
+    targets: list[str] = Field(..., min_length=1, max_length=16, description='e.g. ["gguf:q8_0", "onnx:int8"]')
 
 
 class ErrorDetail(BaseModel):

@@ -52,6 +52,7 @@ class JoinConfig:
     progress: bool = True
     local_slm: Path | None = None
     ca_cert: Path | None = None
+    build_wait_s: float = 600.0
 
 
 @dataclass
@@ -62,6 +63,7 @@ class JoinResult:
     final_adapter: Path | None = None
     final_adapter_sha256: str | None = None
     model_dir: Path | None = None
+    build_dir: Path | None = None
 
 
 class ArtifactCache:
@@ -191,6 +193,37 @@ class EdgeWorker:
                  f"({receipt.num_samples} samples, sha256 {receipt.sha256[:12]})")
         return True
 
+    def _pull_build(self, info: RoundInfo, out_dir: Path) -> Path | None:
+        """Fetch the edge build of the final model that fits this device, if the run makes any."""
+        from edge_sdk.manifest import BuildManifest
+
+        deadline = time.monotonic() + self.config.build_wait_s
+        while info.builds == "pending" and time.monotonic() < deadline:
+            time.sleep(self.config.poll_s)
+            info = self.client.current_round(info.run_id)
+        if info.builds != "ready":
+            if info.builds != "none":
+                self.say(f"no edge build to pull (builds {info.builds}); the final adapter is kept as is")
+            return None
+        listing = self.client.builds(info.run_id, detect_profile())
+        if listing.best is None:
+            self.say(f"no edge build fits this device: {listing.reason}")
+            return None
+        build = listing.best
+        target = out_dir / "build" / build.name
+        for ref in build.files:
+            dest = target / ref.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest.unlink()
+            try:
+                os.link(self.ctx.cache.fetch(ref), dest)
+            except OSError:
+                shutil.copyfile(self.ctx.cache.fetch(ref), dest)
+        BuildManifest.model_validate(build.manifest).write(target)
+        self.say(f"pulled edge build {build.name} ({sum(f.size for f in build.files) / 2**20:.1f} MiB) into {target}")
+        return target
+
     def _finish(self, info: RoundInfo, result: JoinResult) -> JoinResult:
         out_dir = Path(self.config.out_dir or self.state_dir / "final")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,10 +231,12 @@ class EdgeWorker:
         result.final_adapter = final.adapter
         result.final_adapter_sha256 = final.adapter_sha256
         result.model_dir = final.model_dir
+        result.build_dir = self._pull_build(info, out_dir)
         (out_dir / "final.json").write_text(json.dumps({
             "run_id": result.run_id, "client_id": result.client_id, "round": info.round,
             "adapter_sha256": final.adapter_sha256, "rounds_trained": result.rounds_trained,
             "model_dir": str(final.model_dir), "artifacts": [r.model_dump() for r in info.artifacts],
+            "build_dir": str(result.build_dir) if result.build_dir else None,
         }, indent=2))
         self.say(f"run finished after round {info.round}; final adapter sha256 {final.adapter_sha256[:12]} "
                  f"in {final.model_dir}")

@@ -5,15 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 import httpx
 
 from cotune.quickstart import child_env
+from edge_sdk.manifest import BuildManifest
+from edge_sdk.ml.batching import format_prompt
+from edge_sdk.runtime import EdgeModel
 from tests.support import CoordinatorProcess, join_cmd, run_spec
 
 
 def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
-    coord = CoordinatorProcess(tmp_path / "coord", run=run_spec(world, name="e2e", rounds=2)).start()
+    coord = CoordinatorProcess(tmp_path / "coord", run=run_spec(world, name="e2e", rounds=2,
+                                                                builds=["gguf:f32"])).start()
     devices = []
     try:
         for k in range(2):
@@ -76,3 +81,10 @@ def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
         assert held["rounds_trained"] == [1, 2]
         adapter = tmp_path / f"device-{k}" / "final" / "slm" / "adapter.safetensors"
         assert hashlib.sha256(adapter.read_bytes()).hexdigest() == server_slm
+        # The device also pulled the edge build of the final model, and answers with it locally.
+        assert held["build_dir"], "the device did not pull the run's edge build"
+        manifest = BuildManifest.read(Path(held["build_dir"]))
+        assert manifest.adapter_sha256 == server_slm and manifest.format == "gguf"
+    model = EdgeModel.load(held["build_dir"])
+    answer = model.generate(format_prompt("Translate to Velish: red fox"), max_tokens=5)
+    assert answer.backend == "llama.cpp" and len(answer.token_ids) <= 5

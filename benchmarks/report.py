@@ -1,0 +1,159 @@
+"""Writing a benchmark's results: JSON for machines, a markdown table for people, a PNG plot.
+
+Every benchmark calls `write_report` once at the end; the three files share a stem under
+the results folder, and the markdown is also what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    fmt: str | Callable[[Any], str] = "{}"
+
+    def render(self, row: dict[str, Any]) -> str:
+        value = row.get(self.key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if callable(self.fmt):
+            return self.fmt(value)
+        return self.fmt.format(value)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One bar chart: `metric` per row, bars labelled by `label_key`, coloured by `color_key`."""
+
+    metric: str
+    title: str
+    log: bool = False
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    with contextlib.suppress(AttributeError, OSError):
+        info["usable_cores"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        info["load_average"] = os.getloadavg()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        info["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return info
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    head = "| " + " | ".join(c.header for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(c.render(r) for c in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def plot_bars(path: Path, rows: Sequence[dict[str, Any]], panels: Sequence[Panel], label_key: str,
+              color_key: str | None = None, title: str = "") -> Path:
+    """Horizontal bar charts, one panel per metric, rows in the given order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    labels = [str(r.get(label_key, "")) for r in rows]
+    groups = sorted({str(r.get(color_key, "")) for r in rows}) if color_key else [""]
+    cmap = plt.get_cmap("tab10")
+    colors = {g: cmap(i % 10) for i, g in enumerate(groups)}
+    height = max(2.5, 0.32 * len(rows) + 1.2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        values = [r.get(panel.metric) for r in rows]
+        numeric = [float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else 0.0 for v in values]
+        bar_colors = [colors[str(r.get(color_key, ""))] if color_key else cmap(0) for r in rows]
+        ys = list(range(len(rows)))
+        ax.barh(ys, numeric, color=bar_colors)
+        ax.set_title(panel.title, fontsize=10)
+        if panel.log and any(v > 0 for v in numeric):
+            ax.set_xscale("log")
+        for y, v, raw in zip(ys, numeric, values, strict=True):
+            if raw is None:
+                ax.text(0, y, " n/a", va="center", fontsize=7)
+            else:
+                ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(list(range(len(rows))))
+    axes[0][0].set_yticklabels(labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    if color_key and len(groups) > 1:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
+        fig.legend(handles, groups, loc="lower center", ncol=min(len(groups), 5), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 if color_key and len(groups) > 1 else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_report(
+    out_dir: Path,
+    name: str,
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[Column],
+    panels: Sequence[Panel] = (),
+    label_key: str = "label",
+    color_key: str | None = None,
+    meta: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write <name>.json, <name>.md and (with panels) <name>.png under out_dir; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    payload = {"benchmark": name, "title": title, "created_at": stamp, "machine": machine_info(),
+               "meta": meta or {}, "notes": list(notes), "rows": list(rows)}
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
+    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2))
+    md = [f"# {title}", "", f"{stamp}, {payload['machine'].get('cpu', platform.machine())}, "
+          f"{payload['machine'].get('usable_cores', '?')} usable cores", "", markdown_table(rows, columns)]
+    if notes:
+        md += ["", *[f"- {n}" for n in notes]]
+    paths["md"].write_text("\n".join(md) + "\n")
+    if panels and rows:
+        paths["png"] = plot_bars(out_dir / f"{name}.png", rows, panels, label_key, color_key, title)
+    return paths

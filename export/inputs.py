@@ -1,0 +1,257 @@
+"""Checks on the inputs, done before any model is loaded or any file written.
+
+Reads only JSON and safetensors headers (no torch), so a wrong path, a truncated weights
+file, an unsupported architecture or an adapter trained on another base fails in
+milliseconds with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk.manifest import file_digest
+from export.errors import ExportError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from edge_sdk.protocol import LoraSpec
+
+# HF model_type -> llama.cpp architecture name.
+SUPPORTED_ARCHS: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+TensorShapes = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class BaseInfo:
+    dir: Path
+    config: dict[str, Any]
+    model_type: str
+    arch: str
+    weights: TensorShapes
+    weight_files: list[Path]
+    tokenizer_file: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("_name_or_path") or self.config.get("_model_name_or_path") or self.dir.name)
+
+
+@dataclass
+class AdapterInfo:
+    kind: str  # "peft" (a save_pretrained directory) or "cotune" (safetensors of peft state-dict names)
+    sha256: str
+    tensors: TensorShapes
+    path: Path | None = None
+    data: bytes | None = None
+    spec: LoraSpec | None = None
+    peft_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_file(self) -> Path | None:
+        return self.path / "adapter_model.safetensors" if self.kind == "peft" and self.path else self.path
+
+
+def safetensors_header(source: Path | bytes, what: str) -> TensorShapes:
+    """name -> (dtype, shape) from a safetensors file or body; ExportError when truncated or malformed."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        total = len(data)
+        head = data[:8]
+    else:
+        total = source.stat().st_size
+        with source.open("rb") as fh:
+            head = fh.read(8)
+            data = b""
+    if len(head) < 8:
+        raise ExportError(f"{what} is not a safetensors file: {total} bytes, shorter than its header; truncated?")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > total:
+        raise ExportError(f"{what} is not a valid safetensors file: its header length ({n}) runs past the end "
+                          f"of the {total}-byte file; truncated or corrupt? Re-save or re-download it.")
+    if data:
+        raw = data[8:8 + n]
+    else:
+        with Path(source).open("rb") as fh:  # type: ignore[arg-type]
+            fh.seek(8)
+            raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{what} is not a valid safetensors file: its header is not JSON ({exc}); corrupt?") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{what} is not a valid safetensors file: its header is not a JSON object; corrupt?")
+    shapes: TensorShapes = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ExportError(f"{what}: tensor {name!r} has a malformed header entry; corrupt file?") from None
+        count = 1
+        for s in shape:
+            count *= s
+        if dtype in _DTYPE_BYTES and stop - start != count * _DTYPE_BYTES[dtype]:
+            raise ExportError(f"{what}: tensor {name!r} header says {stop - start} bytes for shape {shape}; corrupt?")
+        shapes[name] = (dtype, shape)
+        end = max(end, int(stop))
+    if 8 + n + end != total:
+        raise ExportError(f"{what} is {total} bytes but its header describes {8 + n + end}: truncated or corrupt? "
+                          "Re-save or re-download it.")
+    return shapes
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}): truncated or corrupt {what}?") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: the {what} must be a JSON object")
+    return value
+
+
+def inspect_base(base_dir: str | os.PathLike[str]) -> BaseInfo:
+    """Check an HF checkpoint directory: config, supported architecture, intact weights, a tokenizer."""
+    path = Path(base_dir)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such checkpoint directory (pass --base the HF checkpoint directory)")
+    config = _read_json(path / "config.json", "model config (config.json); is this an HF checkpoint directory?")
+    model_type = str(config.get("model_type", ""))
+    if model_type == "gemma3" and "text_config" in config:
+        raise UnsupportedModelError(
+            f"{path}: this is the multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); export its text "
+            "model instead (a Gemma3ForCausalLM checkpoint, model_type gemma3_text)")
+    if model_type not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(
+            f"{path}: architecture {model_type or '(none)'!r} is not supported by the exporter; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    weight_files: list[Path] = []
+    if (path / "model.safetensors").is_file():
+        weight_files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = _read_json(path / "model.safetensors.index.json", "safetensors index")
+        weight_files = [path / name for name in sorted(set(index.get("weight_map", {}).values()))]
+        missing = [f.name for f in weight_files if not f.is_file()]
+        if missing or not weight_files:
+            raise ExportError(f"{path}: weight shards {missing or '(none)'} listed in the index are missing")
+    else:
+        raise ExportError(f"{path}: no model.safetensors; only safetensors weights are exported (never pickle). "
+                          "Re-save the model with save_pretrained(..., safe_serialization=True).")
+    weights: TensorShapes = {}
+    for f in weight_files:
+        weights.update(safetensors_header(f, str(f)))
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ExportError(f"{path}: no tokenizer.json; every build needs the tokenizer. Save the tokenizer into "
+                          "the checkpoint (tokenizer.save_pretrained(dir)).")
+    tok = _read_json(tokenizer_file, "tokenizer (tokenizer.json)")
+    if "model" not in tok:
+        raise ExportError(f"{tokenizer_file}: not a tokenizers-library tokenizer.json (no 'model'); corrupt?")
+    return BaseInfo(dir=path, config=config, model_type=model_type, arch=SUPPORTED_ARCHS[model_type],
+                    weights=weights, weight_files=weight_files, tokenizer_file=tokenizer_file)
+
+
+def _module_of(name: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
+    for part in ("A", "B"):
+        marker = f".lora_{part}."
+        if marker in name:
+            module = name.split(marker)[0]
+            return module.removeprefix("base_model.model."), part
+    return None
+
+
+def check_adapter_fits(adapter: TensorShapes, base: BaseInfo) -> int:
+    """Every LoRA pair matches a base linear layer's shape; returns the largest rank. ExportError otherwise."""
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, (_, shape) in adapter.items():
+        found = _module_of(name)
+        if found is None:
+            continue
+        module, part = found
+        pairs.setdefault(module, {})[part] = shape
+    if not pairs:
+        raise ExportError("the adapter holds no LoRA tensors (no '.lora_A.' / '.lora_B.' names); is it a LoRA adapter?")
+    max_rank = 0
+    for module, parts in sorted(pairs.items()):
+        if set(parts) != {"A", "B"}:
+            raise ExportError(f"adapter module {module} has lora_{''.join(parts)} but not its pair; corrupt adapter?")
+        weight = base.weights.get(module + ".weight")
+        if weight is None:
+            raise ExportError(f"the adapter adapts {module}, which this base model does not have: it was trained on "
+                              "another base model. Export it with the base it was trained on.")
+        a, b = parts["A"], parts["B"]
+        w = weight[1]
+        if len(a) != 2 or len(b) != 2 or len(w) != 2 or a[0] != b[1]:
+            raise ExportError(f"adapter module {module}: lora_A {a} and lora_B {b} do not form a LoRA pair")
+        if a[1] != w[1] or b[0] != w[0]:
+            raise ExportError(
+                f"the adapter does not match this base model: {module} is {w[0]}x{w[1]} here but the adapter was "
+                f"trained on a {b[0]}x{a[1]} layer (other hidden size or shapes). Export it with its own base model.")
+        max_rank = max(max_rank, a[0])
+    return max_rank
+
+
+def inspect_adapter(adapter: Any, base: BaseInfo, spec: LoraSpec | None = None) -> AdapterInfo:
+    """A peft adapter directory, or a cotune adapter (safetensors file or bytes) with its LoraSpec."""
+    if isinstance(adapter, tuple):
+        adapter, spec = adapter
+    if isinstance(adapter, (bytes, bytearray, memoryview)):
+        data = bytes(adapter)
+        tensors = safetensors_header(data, "the adapter body")
+        import hashlib
+
+        info = AdapterInfo(kind="cotune", sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, data=data)
+    else:
+        path = Path(adapter)
+        if path.is_dir():
+            cfg = _read_json(path / "adapter_config.json", "peft adapter config (adapter_config.json)")
+            if str(cfg.get("peft_type", "")).upper() != "LORA":
+                raise UnsupportedModelError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters export")
+            weights = path / "adapter_model.safetensors"
+            if not weights.is_file():
+                raise ExportError(f"{path}: no adapter_model.safetensors (pickled adapter_model.bin is never loaded); "
+                                  "save the adapter with save_pretrained(dir, safe_serialization=True)")
+            tensors = safetensors_header(weights, str(weights))
+            info = AdapterInfo(kind="peft", sha256=file_digest(weights), tensors=tensors, path=path, peft_config=cfg)
+        elif path.is_file():
+            tensors = safetensors_header(path, str(path))
+            info = AdapterInfo(kind="cotune", sha256=file_digest(path), tensors=tensors, path=path)
+            spec = spec or adapter_spec_beside(path)
+        else:
+            raise ExportError(f"{path}: no such adapter (a peft adapter directory or a cotune adapter .safetensors)")
+    rank = check_adapter_fits(info.tensors, base)
+    if info.kind == "cotune":
+        if spec is None:
+            raise ExportError("a cotune adapter file needs its LoRA settings (r, alpha, target modules): pass a "
+                              "LoraSpec, or keep the adapter_info.json the device wrote beside it")
+        if spec.r != rank:
+            raise ExportError(f"the LoRA settings say r={spec.r} but the adapter's tensors have rank {rank}; "
+                              "pass the settings it was trained with")
+        info.spec = spec
+    return info
+
+
+def adapter_spec_beside(path: Path) -> LoraSpec | None:
+    """The LoraSpec in the adapter_info.json a device writes beside its final adapter, if any."""
+    from edge_sdk.protocol import LoraSpec
+
+    info = path.parent / "adapter_info.json"
+    if not info.is_file():
+        return None
+    data = _read_json(info, "adapter info")
+    try:
+        return LoraSpec.model_validate(data.get("lora", data))
+    except ValueError as exc:
+        raise ExportError(f"{info}: not valid LoRA settings ({exc})") from None
