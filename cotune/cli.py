@@ -13,6 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
+from cotune.cli_edge_runtime import bench_latency, edge_bench, edge_generate
+from cotune.cli_export import export_command
+
 app = typer.Typer(
     name="cotune",
     help="Federated co-tuning of a cloud LLM and on-device SLMs.\n\n"
@@ -28,6 +31,12 @@ bench_app = typer.Typer(help="Benchmarks: each writes JSON, a markdown table and
 app.add_typer(bench_app, name="bench")
 
 _state: dict[str, Any] = {"debug": False}
+
+# Commands written beside this file; their heavy imports happen only when they run.
+app.command("export")(export_command)
+edge_app.command("generate")(edge_generate)
+edge_app.command("bench")(edge_bench)
+bench_app.command("latency")(bench_latency)
 
 
 @app.callback()
