@@ -60,7 +60,6 @@ class ModelHolder:
 
     def get(self, ckpt_dir: str | Path, lora: LoraSpec, seed: int) -> tuple[Any, Any]:
         from edge_sdk.ml.lora import attach_lora
-
         from edge_sdk.ml.tiny import load_checkpoint
 
         key = (str(Path(ckpt_dir).resolve()), lora.model_dump_json())
