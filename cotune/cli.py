@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cotune.cli_bench_quality import bench_quality
 from cotune.cli_edge_runtime import bench_latency, edge_bench, edge_generate
 from cotune.cli_export import export_command
 
@@ -37,6 +38,7 @@ app.command("export")(export_command)
 edge_app.command("generate")(edge_generate)
 edge_app.command("bench")(edge_bench)
 bench_app.command("latency")(bench_latency)
+bench_app.command("quality")(bench_quality)
 
 
 @app.callback()
@@ -69,7 +71,7 @@ def serve(
     artifact_dir: Annotated[Path | None, typer.Option(help="content-addressed blob directory")] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="COTUNE_ADMIN_TOKEN", help="admin bearer token")] = None,
     run_name: Annotated[str | None, typer.Option(help="create this run at start-up (with --slm)")] = None,
-    algorithm: Annotated[str | None, typer.Option(help="fedavg | fedcollm")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="fedavg | fedcollm | co-plms | crosslm")] = None,
     slm: Annotated[str | None, typer.Option(help="SLM checkpoint directory")] = None,
     llm: Annotated[str | None, typer.Option(help="LLM checkpoint directory (fedcollm)")] = None,
     rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
@@ -133,6 +135,8 @@ def edge_join(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     ca_cert: Annotated[Path | None, typer.Option(help="PEM CA bundle to trust for an https coordinator")] = None,
+    slm: Annotated[Path | None, typer.Option(
+        help="this device's own SLM checkpoint (co-plms, crosslm); it never leaves the device")] = None,
 ) -> None:
     """Take part in a run until it ends: pull, train locally, upload, repeat."""
     _threads(threads)
@@ -140,7 +144,7 @@ def edge_join(
 
     cfg = JoinConfig(coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data,
                      name=name, state_dir=state_dir, out_dir=out, poll_s=poll, progress=progress,
-                     ca_cert=ca_cert)
+                     ca_cert=ca_cert, local_slm=slm)
     result = EdgeWorker(cfg, on_event=lambda msg: typer.echo(f"[{name}] {msg}")).run()
     typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")
 

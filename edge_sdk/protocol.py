@@ -90,7 +90,7 @@ class RunSpec(_Strict):
     """What an admin asks for with `POST /v1/runs`. Paths are on the coordinator's disk."""
 
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    algorithm: str = Field("fedcollm", description="fedavg | fedcollm")
+    algorithm: str = Field("fedcollm", description="fedavg | fedcollm | co-plms | crosslm")
     slm: str = Field(..., description="HF checkpoint directory of the shared SLM (with tokenizer)")
     llm: str | None = Field(None, description="HF checkpoint directory of the LLM (fedcollm)")
     rounds: int = Field(3, ge=1, le=100_000)

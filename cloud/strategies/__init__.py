@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from cloud.strategies.base import SpecError, StepResult, Strategy, UpdateFile, weighted_mean
+from cloud.strategies.coplms import CoPlms
+from cloud.strategies.crosslm import CrossLm
 from cloud.strategies.fedavg import FedAvg
 from cloud.strategies.fedcollm import FedCoLLM
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedCoLLM)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedCoLLM, CoPlms, CrossLm)}
 
 
 def strategy_class(algorithm: str) -> type[Strategy]:

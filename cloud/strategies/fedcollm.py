@@ -40,8 +40,7 @@ class FedCoLLM(SlmLoraStrategy):
 
     def initial_inputs(self) -> dict[str, str]:
         inputs = super().initial_inputs()
-        llm, _tok = self.holder.get(self.spec.llm, self.spec.lora, self.spec.seed)
-        inputs[LLM_ADAPTER] = self.holder.save_adapter(llm)
+        inputs[LLM_ADAPTER] = self.fresh_adapter(self.spec.llm)
         return inputs
 
     def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:

@@ -48,9 +48,17 @@ class SlmLoraStrategy(Strategy):
 
     def initial_inputs(self) -> dict[str, str]:
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), "slm")
-        slm, _tok = self.holder.get(self.spec.slm, self.spec.lora, self.spec.seed)
-        inputs[SLM_ADAPTER] = self.holder.save_adapter(slm)
+        inputs[SLM_ADAPTER] = self.fresh_adapter(self.spec.slm)
         return inputs
+
+    def fresh_adapter(self, ckpt_dir: str) -> str:
+        """The seeded, untrained adapter a run starts from. Built on a fresh copy of the model:
+        the held one carries whatever adapter another run on this checkpoint trained last."""
+        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from edge_sdk.ml.tiny import load_checkpoint
+
+        model, _tok = load_checkpoint(Path(ckpt_dir))
+        return self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora, self.spec.seed))))
 
     @cached_property
     def eval_records(self) -> list:

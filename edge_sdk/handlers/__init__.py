@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from edge_sdk.handlers.base import DeviceContext, FinalArtifacts, TaskHandler, UpdatePayload
+from edge_sdk.handlers.coplms import CoPlmsHandler
+from edge_sdk.handlers.crosslm import CrossLmHandler
 from edge_sdk.handlers.lora_sft import LoraSftHandler
 
-HANDLERS: dict[str, type[TaskHandler]] = {LoraSftHandler.kind: LoraSftHandler}
+HANDLERS: dict[str, type[TaskHandler]] = {
+    cls.kind: cls for cls in (LoraSftHandler, CoPlmsHandler, CrossLmHandler)
+}
 
 
 def handler_for(kind: str) -> type[TaskHandler]:

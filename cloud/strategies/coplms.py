@@ -1,0 +1,180 @@
+"""Co-PLMs, following the Co-PLMs design (Liu et al., arXiv 2511.11678) as reconstructed
+from its abstract in DESIGN.md §5: structure-agnostic co-tuning through a shared proxy.
+
+- The run's `slm` checkpoint is the distilled proxy model (DPM) every device shares. At run
+  creation its LoRA adapter is distilled from the LLM on the auxiliary data.
+- Each device keeps its own SLM of any architecture and size (`cotune edge join --slm`)
+  and, per round, tunes it and its copy of the proxy on private data (DST), then runs
+  output-level mutual learning between the two (SAML); see edge_sdk/handlers/coplms.py.
+- Devices upload only the proxy's adapter. The server averages it, runs FedCoLLM's mutual
+  distillation between the LLM (+ its own LoRA) and the averaged proxy on the auxiliary
+  data, and broadcasts the proxy's adapter (`dpm/`).
+
+Tokenizers: server-side distillation is token-level, so the LLM and the proxy must share a
+tokenizer. A device SLM with another tokenizer is taken when `params.vocab_alignment` is on
+(the default): its device maps distributions across vocabularies (edge_sdk.ml.vocab_align);
+with it off, such a device is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from cloud.models import checkpoint_files, publish_checkpoint, tokenizer_digest
+from cloud.strategies.base import SpecError, StepResult
+from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
+from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
+from edge_sdk.handlers.coplms import PROXY_PREFIX, CoPlmsDeviceParams
+from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec
+
+DPM_ADAPTER = f"{PROXY_PREFIX}/adapter.safetensors"
+LLM_ADAPTER = "llm/adapter.safetensors"
+# Server-only: the report of the proxy's initial distillation, kept for round 0's metrics.
+INIT_REPORT = "coplms/init_distill.json"
+
+
+class CoPlmsParams(CoPlmsDeviceParams, SlmJoinPolicy):
+    """`RunSpec.params` of a co-plms run (the device part is passed on in each round's task)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_alignment: bool = Field(
+        True, description="take device SLMs whose tokenizer differs from the proxy's (mapped on the device)")
+    init_distill_epochs: float = Field(
+        1.0, ge=0, description="epochs distilling the LLM into the proxy's adapter at run creation (0: none)")
+
+    def device(self) -> dict[str, Any]:
+        return self.model_dump(include=set(CoPlmsDeviceParams.model_fields))
+
+
+def _read_config(ckpt_dir: str) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / "config.json").read_text())
+
+
+class CoPlms(SlmLoraStrategy):
+    name = "co-plms"
+    task_kind = "coplms"
+    update_artifact = DPM_ADAPTER
+
+    def __init__(self, spec: RunSpec, store: Any, holder: Any = None) -> None:
+        super().__init__(spec, store, holder)
+        self.params = parse_params(CoPlmsParams, spec.params, self.name)
+
+    @classmethod
+    def check_spec(cls, spec: RunSpec) -> None:
+        super().check_spec(spec)
+        params = parse_params(CoPlmsParams, spec.params, cls.name)
+        if params.saml_epochs == 0 and params.dst_epochs == 0:
+            raise SpecError("co-plms: params.dst_epochs and params.saml_epochs are both 0; devices would not train")
+        if spec.llm is None:
+            raise SpecError("co-plms needs an LLM: set `llm` to its checkpoint directory")
+        try:
+            checkpoint_files(Path(spec.llm))
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"llm: {exc}") from None
+        _check_jsonl(spec.aux_data, "aux_data", required=True)
+        if tokenizer_digest(Path(spec.llm)) != tokenizer_digest(Path(spec.slm)):
+            raise SpecError(
+                "co-plms distils between the LLM and the proxy model (`slm`) token by token on the server, "
+                "so those two must share one tokenizer; their tokenizer.json files differ"
+            )
+
+    @staticmethod
+    def client_visible(name: str) -> bool:
+        return name.startswith(PROXY_PREFIX + "/")
+
+    def client_task(self, round_number: int) -> ClientTask:
+        return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
+                          seed=self.round_seed(round_number), params=self.params.device(),
+                          privacy=self.spec.privacy)
+
+    @cached_property
+    def proxy_tokenizer(self) -> str:
+        return tokenizer_digest(Path(self.spec.slm))
+
+    def check_join(self, registration: ClientRegistration) -> None:
+        super().check_join(registration)
+        slm = check_device_slm(registration, self.params, self.name)
+        if slm is None:
+            return
+        if slm.tokenizer_sha256 != self.proxy_tokenizer:
+            if not self.params.vocab_alignment:
+                raise SpecError(
+                    "co-plms exchanges token-level output distributions between a device's SLM and the proxy "
+                    f"model, and this run (params.vocab_alignment = false) requires the proxy's tokenizer "
+                    f"(tokenizer.json sha256 {self.proxy_tokenizer}); this SLM's tokenizer is "
+                    f"{slm.tokenizer_sha256}. Use an SLM trained with the run's tokenizer."
+                )
+            return
+        proxy_vocab = int(_read_config(self.spec.slm).get("vocab_size", 0))
+        if slm.vocab_size != proxy_vocab:
+            raise SpecError(
+                f"the device's SLM uses the run's tokenizer but its output layer has {slm.vocab_size} ids "
+                f"where the proxy's has {proxy_vocab}; resize its embeddings to the tokenizer's vocabulary"
+            )
+
+    # -- server side ---------------------------------------------------------------------
+
+    @cached_property
+    def aux_records(self) -> list:
+        from edge_sdk.tasks.records import read_jsonl
+
+        return read_jsonl(Path(self.spec.aux_data))
+
+    def _fresh_adapter(self, ckpt_dir: str) -> str:
+        # Not from the shared holder: another run may have left a trained adapter in it.
+        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from edge_sdk.ml.tiny import load_checkpoint
+
+        model, _ = load_checkpoint(ckpt_dir)
+        return self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora, self.spec.seed))))
+
+    def initial_inputs(self) -> dict[str, str]:
+        from edge_sdk.ml.mutual import distill_into
+
+        inputs = publish_checkpoint(self.store, Path(self.spec.slm), PROXY_PREFIX)
+        inputs[LLM_ADAPTER] = self._fresh_adapter(self.spec.llm)
+        proxy_start = self._fresh_adapter(self.spec.slm)
+        report: dict[str, Any] = {"epochs": self.params.init_distill_epochs}
+        if self.params.init_distill_epochs > 0:
+            # The DPM starts as the LLM's student on the public data (the "distilled" in its name).
+            proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, proxy_start)
+            llm, llm_tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
+            spec = self.spec.distill.model_copy(update={"epochs": self.params.init_distill_epochs})
+            report.update(distill_into(proxy, tok, llm, llm_tok, self.aux_records, spec, seed=self.spec.seed))
+            inputs[DPM_ADAPTER] = self.holder.save_adapter(proxy)
+        else:
+            inputs[DPM_ADAPTER] = proxy_start
+        inputs[INIT_REPORT] = self.store.put_bytes(json.dumps(report, sort_keys=True).encode())
+        return inputs
+
+    def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:
+        metrics: dict[str, Any] = {
+            "dpm": self.evaluate(self.spec.slm, inputs[DPM_ADAPTER]),
+            "llm": self.evaluate(self.spec.llm, inputs[LLM_ADAPTER]),
+        }
+        if INIT_REPORT in inputs:
+            metrics["init_distill"] = json.loads(self.store.read_bytes(inputs[INIT_REPORT]))
+        return metrics
+
+    def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
+        from edge_sdk.ml.distill import mutual_distillation
+
+        proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)
+        llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
+        report = mutual_distillation(llm, proxy, tok, self.aux_records, self.spec.distill,
+                                     seed=self.round_seed(round_number))
+        proxy_digest = self.holder.save_adapter(proxy)
+        llm_digest = self.holder.save_adapter(llm)
+        outputs = {**inputs, DPM_ADAPTER: proxy_digest, LLM_ADAPTER: llm_digest}
+        metrics = {
+            "distill": {k.replace("slm_", "dpm_"): v for k, v in report.items()},
+            "dpm": self.evaluate(self.spec.slm, proxy_digest),
+            "llm": self.evaluate(self.spec.llm, llm_digest),
+        }
+        return StepResult(outputs, metrics)

@@ -1,0 +1,225 @@
+"""CrossLM, following the CrossLM design (Deng et al., arXiv 2312.05842) as reconstructed from
+its abstract in DESIGN.md §5: the LLM writes task data, the devices' SLMs judge it.
+
+Per round:
+- the server's LLM answers prompts drawn per domain from `params.prompt_data` (default: the
+  auxiliary data's prompts; their responses are never used), a greedy answer and sampled
+  ones per prompt, and publishes them as `crosslm/synthetic.jsonl`;
+- each device trains its own SLM on its private data plus last round's selected samples,
+  scores every synthetic sample with it and uploads only the scores (see
+  edge_sdk/handlers/crosslm.py for the two score tensors);
+- the server averages the scores, tunes the LLM's LoRA with a score-weighted likelihood on
+  all samples, then SFT on the selected ones (per prompt the best-scored answer, if its score
+  reaches `params.threshold`), and publishes the selection as `crosslm/selected.jsonl` for the
+  devices' next round.
+
+Only text and scores cross the network, so device SLMs may differ in architecture and
+tokenizer; a device that brings no SLM uses the run's `slm` checkpoint (published as `slm/`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from cloud.models import checkpoint_files, publish_checkpoint
+from cloud.strategies.base import SpecError, StepResult
+from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
+from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
+from edge_sdk.handlers.crosslm import SCORE_TENSOR, SELECTED, SYNTHETIC, WEIGHT_TENSOR, CrossLmDeviceParams
+from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec, TrainSpec
+from edge_sdk.tensorfile import Schema
+
+LLM_ADAPTER = "llm/adapter.safetensors"
+
+
+class CrossLmParams(CrossLmDeviceParams, SlmJoinPolicy):
+    """`RunSpec.params` of a crosslm run (the device part is passed on in each round's task)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_data: str | None = Field(
+        None, description="JSONL whose prompts the LLM answers (responses unused); default: aux_data")
+    prompts_per_domain: int = Field(16, ge=1, description="prompts drawn per domain each round")
+    samples_per_prompt: int = Field(4, ge=0, description="sampled answers per prompt, besides the greedy one")
+    include_greedy: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(24, ge=1, le=512)
+    threshold: float = Field(0.5, ge=0, le=1, description="selection: aggregated score (0..1) at least this")
+    best_per_prompt: bool = Field(True, description="select at most one answer per prompt, the best-scored")
+    weight_power: float = Field(1.0, ge=0, description="score-weighted likelihood: weight = score ** power")
+    llm_weighted_epochs: float = Field(1.0, ge=0, description="epochs of score-weighted likelihood on all samples")
+    llm_sft_epochs: float = Field(1.0, ge=0, description="epochs of SFT on the selected samples")
+    llm_lr: float | None = Field(None, gt=0, description="the LLM's learning rate; default distill.lr")
+
+    def device(self) -> dict[str, Any]:
+        return self.model_dump(include=set(CrossLmDeviceParams.model_fields))
+
+
+def selection(groups: list[int], scores: list[float], threshold: float, best_per_prompt: bool) -> list[int]:
+    """Indices of the selected samples (NaN scores, i.e. unscored samples, never qualify)."""
+    ok = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= threshold]
+    if not best_per_prompt:
+        return ok
+    best: dict[int, int] = {}
+    for i in ok:
+        if groups[i] not in best or scores[i] > scores[best[groups[i]]]:
+            best[groups[i]] = i
+    return sorted(best.values())
+
+
+def likelihood_weights(scores: list[float], power: float) -> list[float]:
+    """score ** power, scaled to a mean of 1 over all samples (unscored samples weigh 0)."""
+    raw = [0.0 if math.isnan(s) else max(s, 0.0) ** power for s in scores]
+    mean = sum(raw) / len(raw) if raw else 0.0
+    return [r / mean for r in raw] if mean > 0 else raw
+
+
+class CrossLm(SlmLoraStrategy):
+    name = "crosslm"
+    task_kind = "crosslm"
+    update_artifact = SYNTHETIC  # what the uploads answer; update_schema below says their shape
+
+    def __init__(self, spec: RunSpec, store: Any, holder: Any = None) -> None:
+        super().__init__(spec, store, holder)
+        self.params = parse_params(CrossLmParams, spec.params, self.name)
+        self._parsed: dict[str, list] = {}
+
+    @classmethod
+    def check_spec(cls, spec: RunSpec) -> None:
+        super().check_spec(spec)
+        params = parse_params(CrossLmParams, spec.params, cls.name)
+        if spec.privacy is not None:
+            raise SpecError("crosslm devices upload per-sample scores, not weights; the local DP of `privacy` "
+                            "(clip and noise a weight update) does not apply to them: remove `privacy`")
+        if spec.llm is None:
+            raise SpecError("crosslm needs an LLM to write synthetic data: set `llm` to its checkpoint directory")
+        try:
+            checkpoint_files(Path(spec.llm))
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"llm: {exc}") from None
+        if params.prompt_data is None:
+            _check_jsonl(spec.aux_data, "aux_data (the prompts the LLM answers, unless params.prompt_data)", True)
+        else:
+            _check_jsonl(params.prompt_data, "params.prompt_data", True)
+
+    @staticmethod
+    def client_visible(name: str) -> bool:
+        return name.startswith("slm/") or name in (SYNTHETIC, SELECTED)
+
+    def client_task(self, round_number: int) -> ClientTask:
+        return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
+                          seed=self.round_seed(round_number), params=self.params.device())
+
+    def check_join(self, registration: ClientRegistration) -> None:
+        super().check_join(registration)
+        check_device_slm(registration, self.params, self.name)
+
+    # -- synthetic data ------------------------------------------------------------------
+
+    @cached_property
+    def prompt_pool(self) -> dict[str, list]:
+        from edge_sdk.tasks.records import read_jsonl
+
+        pool: dict[str, list] = defaultdict(list)
+        for record in read_jsonl(Path(self.params.prompt_data or self.spec.aux_data)):
+            pool[record.domain or ""].append(record)
+        return dict(sorted(pool.items()))
+
+    def _samples(self, digest: str) -> list:
+        from edge_sdk.ml.synthetic_set import samples_from_bytes
+
+        # update_schema runs on every upload: parse each set once.
+        if digest not in self._parsed:
+            self._parsed = {digest: samples_from_bytes(self.store.read_bytes(digest))}
+        return self._parsed[digest]
+
+    def _generate(self, llm: Any, tokenizer: Any, round_number: int) -> tuple[str, dict[str, Any]]:
+        """Write the synthetic set devices score in `round_number`; return its digest and stats."""
+        from edge_sdk.ml.sampling import sample_answers
+        from edge_sdk.ml.synthetic_set import Sample, samples_to_bytes
+        from edge_sdk.tasks.records import TaskRecord
+
+        rng = random.Random(f"crosslm:{self.spec.seed}:{round_number}")
+        prompts = []
+        for records in self.prompt_pool.values():
+            prompts.extend(rng.sample(records, min(self.params.prompts_per_domain, len(records))))
+        p = self.params
+        answers = sample_answers(llm, tokenizer, [r.prompt for r in prompts], p.samples_per_prompt,
+                                 seed=self.round_seed(round_number), temperature=p.temperature, top_p=p.top_p,
+                                 max_new_tokens=p.max_new_tokens, include_greedy=p.include_greedy)
+        samples = [Sample(TaskRecord(r.prompt, text, r.domain), group=g)
+                   for g, (r, texts) in enumerate(zip(prompts, answers, strict=True)) for text in texts]
+        digest = self.store.put_bytes(samples_to_bytes(samples))
+        return digest, {"prompts": len(prompts), "samples": len(samples)}
+
+    def update_schema(self, inputs: dict[str, str]) -> Schema:
+        n = len(self._samples(inputs[SYNTHETIC]))
+        return {SCORE_TENSOR: ((n,), "F32"), WEIGHT_TENSOR: ((n,), "F32")}
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def initial_inputs(self) -> dict[str, str]:
+        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from edge_sdk.ml.tiny import load_checkpoint
+
+        inputs = publish_checkpoint(self.store, Path(self.spec.slm), "slm")
+        # A fresh adapter, not the shared holder's: another run may have trained the one in it.
+        model, _ = load_checkpoint(self.spec.llm)
+        start = self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora,
+                                                                                self.spec.seed))))
+        inputs[LLM_ADAPTER] = start
+        llm, tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, start)
+        inputs[SYNTHETIC], _ = self._generate(llm, tok, 1)
+        return inputs
+
+    def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:
+        return {"llm": self.evaluate(self.spec.llm, inputs[LLM_ADAPTER])}
+
+    def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
+        import numpy as np
+
+        from edge_sdk.ml.synthetic_set import Sample, samples_to_bytes
+        from edge_sdk.ml.train import train_lora
+        from edge_sdk.ml.weighted import train_lora_weighted
+        from edge_sdk.tensorfile import load_arrays
+
+        p = self.params
+        samples = self._samples(inputs[SYNTHETIC])
+        agg = load_arrays(self.store.path(aggregate_digest))
+        weighted, weight = np.asarray(agg[SCORE_TENSOR], np.float64), np.asarray(agg[WEIGHT_TENSOR], np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = [float(s) for s in np.where(weight > 0, weighted / weight, np.nan)]
+        records = [s.record for s in samples]
+        chosen = selection([s.group for s in samples], scores, p.threshold, p.best_per_prompt)
+        llm, tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
+        seed = self.round_seed(round_number)
+        train = TrainSpec(epochs=1.0, lr=p.llm_lr or self.spec.distill.lr, batch_size=self.spec.distill.batch_size,
+                          max_len=self.spec.train.max_len)
+        scored = [s for s in scores if not math.isnan(s)]
+        stats: dict[str, Any] = {
+            "samples": len(samples), "scored": len(scored), "selected": len(chosen), "threshold": p.threshold,
+            "score_mean": sum(scored) / len(scored) if scored else None,
+        }
+        weights = likelihood_weights(scores, p.weight_power)
+        if p.llm_weighted_epochs > 0 and any(w > 0 for w in weights):
+            stats["llm_weighted"] = train_lora_weighted(
+                llm, tok, records, weights, train.model_copy(update={"epochs": p.llm_weighted_epochs}), seed=seed)
+        if p.llm_sft_epochs > 0 and chosen:
+            stats["llm_sft"] = train_lora(llm, tok, [records[i] for i in chosen],
+                                          train.model_copy(update={"epochs": p.llm_sft_epochs}), seed=seed + 1)
+        outputs = {k: v for k, v in inputs.items() if k != SELECTED}
+        outputs[LLM_ADAPTER] = self.holder.save_adapter(llm)
+        if chosen:
+            outputs[SELECTED] = self.store.put_bytes(samples_to_bytes(
+                [Sample(records[i], samples[i].group, scores[i]) for i in chosen]))
+        if round_number < self.spec.rounds:  # the last round has no next one to write for
+            outputs[SYNTHETIC], stats["next"] = self._generate(llm, tok, round_number + 1)
+        return StepResult(outputs, {"crosslm": stats, "llm": self.evaluate(self.spec.llm, outputs[LLM_ADAPTER])})

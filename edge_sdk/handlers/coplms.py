@@ -1,0 +1,102 @@
+"""`coplms`: a device's round following the Co-PLMs design (Liu et al., arXiv 2511.11678),
+reconstructed from its abstract (DESIGN.md §5).
+
+The device keeps its own SLM, of any architecture, and gets a copy of the shared proxy
+model (the DPM, under `dpm/`) each round. Domain-Specific Tuning (DST) trains both on the
+private data; Structure-Agnostic Mutual Learning (SAML) then lets them teach each other at
+the output level (CE + alpha * KL each way). Only the proxy's adapter is uploaded; the SLM's
+adapter stays on the device. A device without its own SLM (no `--slm`) uses a private copy
+of the proxy's base as its SLM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload
+from edge_sdk.handlers.lora_sft import LoraSftHandler, privatize_update
+from edge_sdk.handlers.own_slm import OwnSlm
+from edge_sdk.protocol import RoundInfo
+
+PROXY_PREFIX = "dpm"
+
+
+class CoPlmsDeviceParams(BaseModel):
+    """What a device needs to know of a Co-PLMs run, beyond the LoRA and training settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dst_epochs: float | None = Field(
+        None, ge=0, description="DST: epochs of plain SFT of the SLM and the proxy; None = the run's train.epochs")
+    saml_epochs: float = Field(1.0, ge=0, description="SAML: epochs of mutual learning between SLM and proxy")
+    alpha: float = Field(0.5, ge=0, description="weight of the KL term in mutual learning")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1, description="keep the teacher's top-k probabilities (None: all)")
+    token_map: Literal["first_token", "min_edit"] = Field(
+        "first_token", description="how ids map when the SLM's tokenizer differs from the proxy's")
+
+
+class CoPlmsHandler(LoraSftHandler):
+    kind = "coplms"
+    prefix = PROXY_PREFIX  # the proxy is loaded exactly as lora_sft loads its shared SLM
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.own = OwnSlm(ctx, "coplms", fallback_prefix=PROXY_PREFIX)
+
+    def device_model(self, info: RoundInfo) -> tuple[Any, Any]:
+        """The device's own SLM with its latest private adapter (for local use and benchmarks)."""
+        model, tokenizer = self.own.load(info.model_copy(update={"round": info.round + 1}))
+        return model, tokenizer
+
+    def run(self, info: RoundInfo) -> UpdatePayload:
+        from edge_sdk.ml.evaluate import evaluate
+        from edge_sdk.ml.lora import adapter_state
+        from edge_sdk.ml.mutual import mutual_learning
+        from edge_sdk.ml.train import train_lora
+        from edge_sdk.protocol import DistillSpec
+
+        params = CoPlmsDeviceParams.model_validate(info.task.params)
+        train, seed, records = info.task.train, info.task.seed, self.ctx.records
+        self.ctx.say(f"round {info.round}/{info.rounds_total}: co-plms on {len(records)} local records")
+        proxy, proxy_tok = self.load(info)
+        start = {name: t.numpy().copy() for name, t in adapter_state(proxy).items()}
+        slm, slm_tok = self.own.load(info)
+        metrics: dict[str, Any] = {"slm_arch": getattr(slm.config, "model_type", "unknown")}
+        if self.ctx.eval_records:
+            metrics["local_eval_before"] = evaluate(slm, slm_tok, self.ctx.eval_records)
+        dst_epochs = train.epochs if params.dst_epochs is None else params.dst_epochs
+        if dst_epochs > 0:
+            dst = train.model_copy(update={"epochs": dst_epochs})
+            metrics["dst_slm"] = train_lora(slm, slm_tok, records, dst, seed=seed, progress=self.ctx.progress)
+            metrics["dst_proxy"] = train_lora(proxy, proxy_tok, records, dst, seed=seed + 1,
+                                              progress=self.ctx.progress)
+        if params.saml_epochs > 0:
+            saml = DistillSpec(epochs=params.saml_epochs, lr=train.lr, batch_size=train.batch_size,
+                               lambda_kd=params.alpha, temperature=params.temperature, top_k=params.top_k,
+                               max_steps=train.max_steps)
+            report = mutual_learning(slm, slm_tok, proxy, proxy_tok, records, saml, seed=seed + 2,
+                                     max_len=train.max_len, progress=self.ctx.progress, token_map=params.token_map)
+            metrics["saml"] = {k.replace("first_", "slm_").replace("second_", "proxy_"): v for k, v in report.items()}
+        self.own.save(info)
+        if self.ctx.eval_records:
+            metrics["local_eval_after"] = evaluate(slm, slm_tok, self.ctx.eval_records)
+        arrays = {name: t.numpy() for name, t in adapter_state(proxy).items()}
+        if info.task.privacy is not None:  # only the proxy leaves the device: that is what gets noised
+            arrays, metrics["privacy"] = privatize_update(self.ctx, info, start, arrays)
+        return UpdatePayload(arrays=arrays, num_samples=len(records), metrics=metrics)
+
+    def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:
+        """out_dir/slm: the device's own SLM and private adapter (the final device model);
+        out_dir/dpm: the run's final proxy model and adapter."""
+        proxy = super().finish(info, out_dir)
+        own = self.own.finish(info, out_dir)
+        info_path = out_dir / "adapter_info.json"
+        described = json.loads(info_path.read_text())
+        described["proxy"] = {"model_dir": str(proxy.model_dir), "adapter_sha256": proxy.adapter_sha256}
+        info_path.write_text(json.dumps(described, indent=2))
+        return own

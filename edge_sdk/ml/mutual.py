@@ -1,0 +1,216 @@
+"""Output-level knowledge transfer between two models of any architecture: one-way
+distillation (a frozen teacher) and mutual learning (each side teaches the other in turn).
+
+Co-PLMs uses both: the server distils the LLM into the shared proxy model (DPM), and each
+device runs mutual learning between its own SLM and its copy of the proxy. Only output
+distributions meet, so the two models may differ in depth, width and family (llama, gpt2,
+qwen2, ...). When their tokenizers differ, `edge_sdk.ml.vocab_align.VocabAlignment`
+carries the teacher's distributions onto the student's positions and vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from edge_sdk.ml.distill import kd_loss
+from edge_sdk.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
+
+if TYPE_CHECKING:
+    from edge_sdk.protocol import DistillSpec
+    from edge_sdk.tasks.records import TaskRecord
+
+
+class _Side:
+    """One model with its tokenizer, its encoded records and (when it learns) its optimizer."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, encoded: list[dict[str, list[int]]]) -> None:
+        self.name, self.model, self.tokenizer, self.encoded = name, model, tokenizer, encoded
+        self.pad_id = _special_ids(tokenizer)[2]
+        self.params: list[Any] = []
+        self.optimizer: Any = None
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        return collate([self.encoded[i] for i in indices], self.pad_id)
+
+
+def _encode_all(tokenizer: Any, records: Sequence[TaskRecord], max_len: int) -> list[dict[str, list[int]] | None]:
+    # encode_sft drops records it cannot fit; keep positions so both sides index the same records.
+    out: list[dict[str, list[int]] | None] = []
+    for record in records:
+        encoded = encode_sft(tokenizer, [record], max_len)
+        out.append(encoded[0] if encoded else None)
+    return out
+
+
+def _sides(
+    models: Sequence[tuple[str, Any, Any]], records: Sequence[TaskRecord], max_len: int
+) -> tuple[list[_Side], list[TaskRecord]]:
+    """Encode the records for every side; keep only records every side can train on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_side = [_encode_all(tok, records, max_len) for _, _, tok in models]
+    keep = [i for i in range(len(records)) if all(enc[i] is not None for enc in per_side)]
+    if not keep:
+        raise ValueError("no records to learn from: the list is empty or every prompt fills max_len")
+    sides = [
+        _Side(name, model, tok, [enc[i] for i in keep])  # type: ignore[misc]
+        for (name, model, tok), enc in zip(models, per_side, strict=True)
+    ]
+    return sides, [records[i] for i in keep]
+
+
+def _alignment(student: _Side, teacher: _Side, top_k: int | None, token_map: str) -> Any:
+    """None when both sides share a tokenizer (positions and ids line up as they are)."""
+    from edge_sdk.ml.distill import _vocab_size
+    from edge_sdk.ml.vocab_align import VocabAlignment, same_vocabulary
+
+    if same_vocabulary(student.tokenizer, teacher.tokenizer):
+        return None
+    return VocabAlignment.cached(teacher.tokenizer, student.tokenizer, top_k=top_k or 16,
+                                 student_width=_vocab_size(student.model), method=token_map)
+
+
+def _update(
+    student: _Side,
+    teacher: _Side,
+    indices: Sequence[int],
+    records: Sequence[TaskRecord],
+    spec: DistillSpec,
+    alignment: Any,
+    history: dict[str, list[float]],
+) -> None:
+    import torch
+
+    s_batch = student.batch(indices)
+    t_batch = s_batch if alignment is None else teacher.batch(indices)
+    teacher.model.eval()
+    with torch.no_grad():
+        t_logits = teacher.model(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"]).logits
+    mask = s_batch["labels"][:, 1:] != -100
+    if alignment is None:
+        target = t_logits[:, :-1]
+        top_k = spec.top_k
+    else:
+        lengths = t_batch["attention_mask"].sum(dim=1).tolist()
+        target, aligned = alignment.targets(t_logits, [records[i] for i in indices], s_batch["input_ids"].shape[1],
+                                            lengths)
+        mask = mask & aligned
+        top_k = None  # already reduced to the teacher's top-k, mapped
+    student.model.train()
+    logits = student.model(input_ids=s_batch["input_ids"], attention_mask=s_batch["attention_mask"]).logits
+    if alignment is None and logits.size(-1) != target.size(-1):
+        raise ValueError(
+            f"{student.name} and {teacher.name} share a tokenizer but their output layers differ "
+            f"({logits.size(-1)} vs {target.size(-1)} ids); give both models the tokenizer's vocabulary size"
+        )
+    ce = _response_ce(logits, s_batch["labels"])
+    kd = kd_loss(logits[:, :-1], target, mask, spec.temperature, top_k)
+    loss = ce + spec.lambda_kd * kd
+    student.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.params, 1.0)
+    student.optimizer.step()
+    student.model.eval()
+    history[f"{student.name}_loss"].append(float(loss.detach()))
+    history[f"{student.name}_ce"].append(float(ce.detach()))
+    history[f"{student.name}_kd"].append(float(kd.detach()))
+
+
+def _run(
+    learners: Sequence[tuple[_Side, _Side]],
+    records: Sequence[TaskRecord],
+    spec: DistillSpec,
+    seed: int,
+    progress: bool | ProgressFn,
+    desc: str,
+    token_map: str,
+) -> dict[str, Any]:
+    import torch
+
+    started = time.perf_counter()
+    alignments = [_alignment(student, teacher, spec.top_k, token_map) for student, teacher in learners]
+    names = [student.name for student, _ in learners]
+    history: dict[str, list[float]] = {f"{n}_{k}": [] for n in names for k in ("loss", "ce", "kd")}
+    total = _num_batches(len(records), spec.batch_size, spec.epochs, spec.max_steps)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for student, _ in learners:
+            student.params = _lora_only(student.model)
+            student.optimizer = torch.optim.AdamW(student.params, lr=spec.lr, weight_decay=0.0)
+        bar = _Progress(progress, total, desc)
+        try:
+            batches = iterate_batches(list(range(len(records))), spec.batch_size, seed, spec.epochs, spec.max_steps)
+            for step, indices in enumerate(batches):
+                for (student, teacher), alignment in zip(learners, alignments, strict=True):
+                    _update(student, teacher, indices, records, spec, alignment, history)
+                bar.update(step + 1, history[f"{names[0]}_loss"][-1])
+        finally:
+            bar.close()
+            for student, teacher in learners:
+                student.model.eval()
+                teacher.model.eval()
+    report: dict[str, Any] = {
+        "steps": len(history[f"{names[0]}_loss"]),
+        "num_samples": len(records),
+        "seconds": time.perf_counter() - started,
+        "aligned_vocab": [a is not None for a in alignments],
+    }
+    for name in names:
+        for key, value in _loss_summary(history[f"{name}_loss"]).items():
+            report[f"{name}_{key}"] = value
+        for kind in ("ce", "kd"):
+            values = history[f"{name}_{kind}"]
+            report[f"{name}_{kind}_mean"] = sum(values) / len(values) if values else float("nan")
+    return report
+
+
+def distill_into(
+    student: Any,
+    student_tokenizer: Any,
+    teacher: Any,
+    teacher_tokenizer: Any,
+    records: Sequence[TaskRecord],
+    spec: DistillSpec,
+    seed: int,
+    *,
+    max_len: int = 64,
+    progress: bool | ProgressFn = False,
+    token_map: str = "first_token",
+) -> dict[str, Any]:
+    """Train the student's LoRA on CE(response) + lambda_kd * KD(teacher -> student).
+
+    The teacher never changes. Report keys are prefixed "student_". `token_map` picks how
+    teacher ids become student ids when the tokenizers differ (edge_sdk.ml.vocab_align).
+    """
+    sides, kept = _sides([("student", student, student_tokenizer), ("teacher", teacher, teacher_tokenizer)],
+                         records, max_len)
+    return _run([(sides[0], sides[1])], kept, spec, seed, progress, "distill", token_map)
+
+
+def mutual_learning(
+    first: Any,
+    first_tokenizer: Any,
+    second: Any,
+    second_tokenizer: Any,
+    records: Sequence[TaskRecord],
+    spec: DistillSpec,
+    seed: int,
+    *,
+    max_len: int = 64,
+    progress: bool | ProgressFn = False,
+    token_map: str = "first_token",
+) -> dict[str, Any]:
+    """Per batch, `first` learns from the frozen `second`, then `second` from the updated `first`.
+
+    Each side's loss is CE(response) + lambda_kd * T^2 * KL(teacher || student) over the
+    response positions; each has its own AdamW over its LoRA parameters. Report keys are
+    prefixed "first_" and "second_".
+    """
+    sides, kept = _sides([("first", first, first_tokenizer), ("second", second, second_tokenizer)],
+                         records, max_len)
+    return _run([(sides[0], sides[1]), (sides[1], sides[0])], kept, spec, seed, progress, "mutual", token_map)

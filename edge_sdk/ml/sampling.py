@@ -1,0 +1,79 @@
+"""Several candidate answers per prompt: the greedy one and seeded samples.
+
+CrossLM's server LLM writes its synthetic samples this way; several candidates per prompt
+give the devices' scores something to choose between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from edge_sdk.ml.batching import _prompt_ids, _special_ids
+from edge_sdk.ml.evaluate import generate_greedy
+
+
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    num_samples: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 24,
+    include_greedy: bool = True,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """Per prompt, distinct non-empty answers: the greedy one first (if asked), then samples.
+
+    Answers are cut at the first newline and stripped, like `generate_greedy`'s. The same
+    model, prompts and seed give the same answers.
+    """
+    import torch
+
+    if num_samples < 0 or (num_samples == 0 and not include_greedy):
+        raise ValueError("ask for at least one answer per prompt")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    answers: list[list[str]] = [[] for _ in prompts]
+    if include_greedy:
+        for i, text in enumerate(generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)):
+            if text:
+                answers[i].append(text)
+    if num_samples == 0:
+        return answers
+    _, eos, pad = _special_ids(tokenizer)
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+                    attention_mask[row, width - len(encoded[i]) :] = 1
+                with torch.inference_mode():
+                    out = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                        num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
+                    )
+                # generate() returns each prompt's samples next to each other.
+                for row, i in enumerate(idx):
+                    for k in range(num_samples):
+                        new = out[row * num_samples + k, width:].tolist()
+                        if eos in new:
+                            new = new[: new.index(eos)]
+                        text = tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0].strip()
+                        if text and text not in answers[i]:
+                            answers[i].append(text)
+    finally:
+        model.train(was_training)
+    return answers

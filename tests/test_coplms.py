@@ -1,0 +1,176 @@
+"""Co-PLMs over the real REST path: a coordinator process and three `cotune edge join` device
+processes with SLMs of different architectures (and one with its own tokenizer); joins a
+run cannot take are refused with a reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edge_sdk.client import CoordinatorClient, CoordinatorError
+from edge_sdk.handlers.local_slm import describe_local_slm
+from edge_sdk.protocol import ClientRegistration
+from tests.hetero_support import HetSlms, build_het_slms, run_devices
+from tests.support import CoordinatorProcess, TinyWorld, build_tiny_world, run_spec
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory) -> TinyWorld:
+    return build_tiny_world(tmp_path_factory.mktemp("world3"), num_clients=3)
+
+
+@pytest.fixture(scope="module")
+def slms(world3, tmp_path_factory) -> HetSlms:
+    return build_het_slms(world3, tmp_path_factory.mktemp("slms"))
+
+
+def _spec(world: TinyWorld, **params) -> dict:
+    return run_spec(world, name="coplms", algorithm="co-plms", rounds=2, min_clients=3,
+                    params={"saml_epochs": 1.0, "dst_epochs": 1.0, **params})
+
+
+def test_heterogeneous_devices_complete_co_plms_rounds(world3, slms, tmp_path) -> None:
+    coord = CoordinatorProcess(tmp_path / "coord", run=_spec(world3)).start()
+    try:
+        # device-0 brings no SLM (it uses a private copy of the proxy's llama base), device-1 a
+        # gpt2 on the run's tokenizer, device-2 a qwen2 with a tokenizer of its own.
+        status = run_devices(coord, world3, [None, slms.gpt2, slms.qwen2_own_tok], tmp_path)
+    finally:
+        coord.stop()
+
+    assert status["state"] == "finished", status.get("error")
+    rounds = [r for r in status["rounds"] if r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["state"] == "closed" and r["num_updates"] == 3
+        assert r["metrics"]["distill"]["steps"] > 0, "the server did not distil between the LLM and the proxy"
+        assert 0.0 <= r["metrics"]["dpm"]["rougeL"] <= 1.0 and "llm" in r["metrics"]
+        clients = r["metrics"]["clients"].values()
+        archs = sorted(c["client_metrics"]["slm_arch"] for c in clients)
+        assert archs == ["gpt2", "llama", "qwen2"]
+        aligned = {c["client_metrics"]["slm_arch"]: c["client_metrics"]["saml"]["aligned_vocab"] for c in clients}
+        assert aligned == {"llama": [False, False], "gpt2": [False, False], "qwen2": [True, True]}
+        # Whatever a device's own SLM, what it uploads is the proxy's adapter (plus a little metadata).
+        proxy_size = next(a["size"] for a in r["artifacts"] if a["name"] == "dpm/adapter.safetensors")
+        assert all(proxy_size <= c["bytes_up"] < proxy_size + 4096 for c in clients)
+
+    final = {a["name"]: a["sha256"] for a in rounds[-1]["artifacts"]}
+    first = {a["name"]: a["sha256"] for a in rounds[0]["artifacts"]}
+    assert final["dpm/adapter.safetensors"] != rounds[-1]["metrics"]["aggregate_sha256"], "proxy not distilled"
+    assert set(final) >= {"dpm/adapter.safetensors", "dpm/model.safetensors", "dpm/tokenizer.json"}
+    assert first["dpm/adapter.safetensors"] != final["dpm/adapter.safetensors"]
+
+    own_adapters = set()
+    for k, arch in enumerate(("llama", "gpt2", "qwen2")):
+        out = tmp_path / f"device-{k}" / "final"
+        held = json.loads((out / "final.json").read_text())
+        assert held["rounds_trained"] == [1, 2]
+        assert not any(a["name"].startswith("llm/") for a in held["artifacts"]), "a device saw the LLM's adapter"
+        # The final device model is its own SLM with its private adapter, next to the proxy.
+        own = out / "slm" / "adapter.safetensors"
+        assert hashlib.sha256(own.read_bytes()).hexdigest() == held["adapter_sha256"]
+        assert json.loads((out / "slm" / "config.json").read_text())["model_type"] == arch
+        proxy = out / "dpm" / "adapter.safetensors"
+        assert hashlib.sha256(proxy.read_bytes()).hexdigest() == final["dpm/adapter.safetensors"]
+        own_adapters.add(held["adapter_sha256"])
+    assert len(own_adapters) == 3 and final["dpm/adapter.safetensors"] not in own_adapters
+
+
+@pytest.fixture(scope="module")
+def coord_policy(world3, tmp_path_factory):
+    """One coordinator whose runs refuse SLMs on tokenizer, architecture or absence."""
+    spec = _spec(world3, vocab_alignment=False, allowed_archs=["llama", "qwen2"])
+    proc = CoordinatorProcess(tmp_path_factory.mktemp("coord-policy"), run=spec).start()
+    yield proc
+    proc.stop()
+
+
+def _register(coord: CoordinatorProcess, token: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{coord.url}/v1/clients", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {token}"})
+
+
+def _slm(path: Path) -> dict:
+    return json.loads(describe_local_slm(path).model_dump_json())
+
+
+def test_incompatible_joins_are_refused_with_a_reason(coord_policy, slms) -> None:
+    token = coord_policy.run["enroll_token"]
+    kinds = ["lora_sft", "coplms", "crosslm"]
+    cases = [
+        ({"task_kinds": ["lora_sft"]}, "coplms"),  # an old device that cannot run the task
+        ({"task_kinds": kinds, "slm": _slm(slms.gpt2)}, "architecture llama, qwen2"),
+        ({"task_kinds": kinds, "slm": _slm(slms.qwen2_own_tok)}, "tokenizer"),
+        ({"task_kinds": kinds, "slm": _slm(slms.no_tokenizer)}, "no tokenizer.json"),
+    ]
+    for body, reason in cases:
+        r = _register(coord_policy, token, {"name": "refused", **body})
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"]["code"] == "cannot_join"
+        assert reason in r.json()["detail"]["message"], r.json()["detail"]["message"]
+    # Accepted: other architectures on the run's tokenizer, and a device with no SLM of its own.
+    for slm in (_slm(slms.qwen2), _slm(slms.llama), None):
+        r = _register(coord_policy, token, {"name": "ok", "task_kinds": kinds, "slm": slm})
+        assert r.status_code == 201, r.text
+
+
+def test_a_run_can_require_devices_to_bring_their_slm(coord_policy, world3, slms, tmp_path) -> None:
+    spec = _spec(world3, require_own_slm=True)
+    spec["name"] = "coplms-own-slm-only"
+    created = httpx.post(f"{coord_policy.url}/v1/runs", json=spec, headers=coord_policy.admin, timeout=120)
+    assert created.status_code in (200, 201), created.text
+    token = created.json()["enroll_token"]
+    r = _register(coord_policy, token, {"name": "bare", "task_kinds": ["coplms"]})
+    assert r.status_code == 409 and "--slm" in r.json()["detail"]["message"]
+    # The device side sees the same refusal as an error it can show the user.
+    client = CoordinatorClient(coord_policy.url)
+    with pytest.raises(CoordinatorError) as info:
+        client.register(token, ClientRegistration(name="bare", task_kinds=["coplms"]))
+    assert info.value.code == "cannot_join"
+    client.close()
+
+
+def test_bad_params_are_refused_when_the_run_is_created(coord_policy, world3) -> None:
+    for params, needle in (({"alpha": -1}, "params.alpha"), ({"no_such_knob": 1}, "params.no_such_knob"),
+                           ({"dst_epochs": 0, "saml_epochs": 0}, "would not train")):
+        spec = _spec(world3, **params)
+        spec["name"] = "coplms-bad"
+        r = httpx.post(f"{coord_policy.url}/v1/runs", json=spec, headers=coord_policy.admin, timeout=60)
+        assert r.status_code == 422, r.text
+        assert needle in r.json()["detail"]["message"]
+
+
+def test_vocab_alignment_carries_the_teachers_prediction_to_the_student(world3, slms) -> None:
+    """A teacher sure of the right next token becomes a target on the student's right next token,
+    at the positions where both tokenizations have a boundary."""
+    import torch
+
+    from edge_sdk.ml.batching import collate, encode_sft
+    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from edge_sdk.ml.vocab_align import VocabAlignment, same_vocabulary
+    from edge_sdk.tasks.records import read_jsonl
+
+    teacher_tok = load_hf_tokenizer(world3.root / "tokenizer")  # 384 ids: coarser tokens
+    student_tok = load_hf_tokenizer(slms.qwen2_own_tok)  # 320 ids: finer tokens
+    assert same_vocabulary(teacher_tok, load_hf_tokenizer(world3.slm_dir))
+    assert not same_vocabulary(teacher_tok, student_tok)
+    records = read_jsonl(world3.data["client_0"])[:24]
+    t_enc, s_enc = encode_sft(teacher_tok, records, 64), encode_sft(student_tok, records, 64)
+    t_batch, s_batch = collate(t_enc, 0), collate(s_enc, 0)
+    logits = torch.zeros(len(records), t_batch["input_ids"].shape[1], len(teacher_tok))
+    for b, enc in enumerate(t_enc):
+        for u in range(len(enc["input_ids"]) - 1):
+            logits[b, u, enc["input_ids"][u + 1]] = 20.0
+    target, aligned = VocabAlignment(teacher_tok, student_tok, top_k=4).targets(
+        logits, records, s_batch["input_ids"].shape[1], t_batch["attention_mask"].sum(1).tolist())
+    response = s_batch["labels"][:, 1:] != -100
+    used = aligned & response
+    assert used.sum() >= 0.5 * response.sum(), "too few shared token boundaries"
+    hits = (target.argmax(-1) == s_batch["input_ids"][:, 1:])[used]
+    # Not all: where the student's next token is longer than the teacher's, the map can only
+    # name a prefix of it (the tokenizers here were trained on different text).
+    assert hits.float().mean() >= 0.9
