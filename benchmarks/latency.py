@@ -59,8 +59,8 @@ class LatencyConfig:
     threads: int | None = None
     gguf_quants: Sequence[str] | None = None
     onnx_quants: Sequence[str] | None = None
+    formats: Sequence[str] = ("gguf", "onnx")
     out_dir: Path = Path("results/latency")
-    cache_dir: Path | None = None
     timeout_s: float = 1800.0
     # The same attention kernels for our llama.cpp path and the raw one, so the comparison
     # measures the runtime's overhead and nothing else.
@@ -607,9 +607,9 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
     for key in cfg.models:
         gguf_quants = list(cfg.gguf_quants or DEFAULT_GGUF_QUANTS)
         onnx_quants = list(cfg.onnx_quants or DEFAULT_ONNX_QUANTS)
-        if "cotune" not in engines and "optimum" not in engines:
+        if ("cotune" not in engines and "optimum" not in engines) or "onnx" not in cfg.formats:
             onnx_quants = []
-        if "cotune" not in engines and "llama-cpp-python" not in engines:
+        if ("cotune" not in engines and "llama-cpp-python" not in engines) or "gguf" not in cfg.formats:
             gguf_quants = []
         assets = prepare_model(key, gguf_quants, onnx_quants, threads, log)
         notes.extend(assets.notes)
@@ -721,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--gguf-quant", action="append")
     parser.add_argument("--onnx-quant", action="append")
+    parser.add_argument("--format", action="append", choices=["gguf", "onnx"], help="build formats (default both)")
     parser.add_argument("--out", type=Path, default=Path("results/latency"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -732,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_latency(LatencyConfig(models=args.model or ["tiny", "gemma"], engines=args.engine, runs=args.runs,
                               warmup=args.warmup, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                               threads=args.threads, gguf_quants=args.gguf_quant, onnx_quants=args.onnx_quant,
-                              out_dir=args.out))
+                              formats=args.format or ("gguf", "onnx"), out_dir=args.out))
 
 
 if __name__ == "__main__":

@@ -145,19 +145,23 @@ def bench_latency(
     onnx_quant: Annotated[
         list[str] | None, typer.Option("--onnx-quant", help="ONNX quantizations (default fp32, int8)")
     ] = None,
+    build_format: Annotated[
+        list[str] | None, typer.Option("--format", help="gguf | onnx (repeatable; default both)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="results folder (JSON, markdown table, PNG)")] = Path("results/latency"),
-    cache_dir: Annotated[Path | None, typer.Option(help="where builds are cached (default ~/.cache/cotune/bench)")] = (
-        None),
     timeout: Annotated[float, typer.Option(help="seconds allowed per engine measurement")] = 1800.0,
 ) -> None:
-    """Latency of our runtime against llama-cpp-python, optimum ORT and transformers, on the same builds."""
+    """Latency of our runtime against llama-cpp-python, optimum ORT and transformers, on the same builds.
+
+    Builds and checkpoints are cached under $COTUNE_CACHE/bench (default ~/.cache/cotune/bench).
+    """
     from benchmarks.latency import LatencyConfig, run_latency
 
     cfg = LatencyConfig(
         models=model or ["tiny", "gemma"], engines=engine or None, runs=runs, warmup=warmup,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-        gguf_quants=gguf_quant or None, onnx_quants=onnx_quant or None, out_dir=out, cache_dir=cache_dir,
-        timeout_s=timeout,
+        gguf_quants=gguf_quant or None, onnx_quants=onnx_quant or None, formats=build_format or ("gguf", "onnx"),
+        out_dir=out, timeout_s=timeout,
     )
     paths = run_latency(cfg, log=_stderr)
     _stderr("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -91,6 +91,7 @@ def export_command(
         help="held-out text for perplexity, paragraphs separated by blank lines")] = None,
     int4_accuracy_level: Annotated[int, typer.Option(
         help="onnxruntime MatMulNBits accuracy level for onnx:int4 (4 = int8 compute, faster; 0 = fp32)")] = 4,
+    int4_head_bits: Annotated[int, typer.Option(help="bits of the output head in onnx:int4 (4 or 8)")] = 8,
     threads: Annotated[int | None, typer.Option(help="CPU threads for llama.cpp, onnxruntime and quantizers")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -110,7 +111,7 @@ def export_command(
     results = export_builds(
         base, adapter, to, out, run_id=run_id, round=round, bounds=bounds, progress=progress, lora_spec=spec,
         prompts=_texts(prompts, paragraphs=False), eval_texts=_texts(eval_text, paragraphs=True), threads=threads,
-        int4_accuracy_level=int4_accuracy_level if int4_accuracy_level > 0 else None)
+        int4_accuracy_level=int4_accuracy_level if int4_accuracy_level > 0 else None, int4_head_bits=int4_head_bits)
     typer.echo(_table(results))
     for r in results:
         for note in r.warnings:

@@ -44,12 +44,12 @@ class Builder:
     """The state of one export_builds call: inputs, shared intermediates, the reference figures."""
 
     def __init__(self, base: BaseInfo, adapter: AdapterInfo | None, staging: Path, *, bounds: ParityBounds,
-                 threads: int, int4_accuracy_level: int | None, int4_block_size: int) -> None:
+                 threads: int, int4: dict[str, Any]) -> None:
         self.base, self.adapter, self.staging = base, adapter, staging
         self.work = staging / ".work"
         self.work.mkdir()
         self.bounds, self.threads = bounds, threads
-        self.int4_accuracy_level, self.int4_block_size = int4_accuracy_level, int4_block_size
+        self.int4 = int4  # quantize_onnx_int4 settings: block_size, accuracy_level, head_bits, symmetric
         self.models: Any = None
         self.vocab: Any = None
         self.reference: Reference | None = None
@@ -157,15 +157,15 @@ class Builder:
         elif target.quant == "int8":
             quantize_onnx_int8(source, model)
         else:
-            quantize_onnx_int4(source, model, block_size=self.int4_block_size,
-                               accuracy_level=self.int4_accuracy_level)
+            quantize_onnx_int4(source, model, **self.int4)
         for name in ("config.json", "generation_config.json"):
             if (source.parent / name).is_file():
                 _link(source.parent / name, build / name)
-        # The base's own tokenizer files, byte for byte (optimum re-saves its own copy).
+        # The base's own tokenizer files, byte for byte (optimum re-saves its own copy); copied, not
+        # hard-linked: a build must not change when the source checkpoint is edited in place.
         for name in TOKENIZER_FILES:
             if (self.base.dir / name).is_file():
-                _link(self.base.dir / name, build / name)
+                shutil.copy2(self.base.dir / name, build / name)
         runner = OnnxRunner(model, threads=self.threads)
         try:
             assert self.reference is not None
@@ -173,7 +173,7 @@ class Builder:
         finally:
             runner.close()
         if target.quant == "int4":
-            figures["int4"] = {"block_size": self.int4_block_size, "accuracy_level": self.int4_accuracy_level}
+            figures["int4"] = dict(self.int4)
         return {"model_file": "model.onnx", "tokenizer_file": "tokenizer.json"}, figures, []
 
     def build(self, target: Target, build: Path) -> BuildOutput:

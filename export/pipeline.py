@@ -99,6 +99,15 @@ class _Progress:
         self.bar.close()
 
 
+def _default_threads() -> int:
+    """OMP_NUM_THREADS when set (a box shared by several jobs), else the cores, at most 8.
+
+    llama.cpp's worker threads spin while they wait: more threads than free cores slows it many-fold.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, min(8, os.cpu_count() or 1))
+
+
 def _check_targets(targets: list[Target], adapter: AdapterInfo | None) -> None:
     if adapter is None and any(t.format == "gguf-lora" for t in targets):
         raise ExportError("a gguf-lora build is the adapter alone: pass --adapter (or drop gguf-lora from --to)")
@@ -120,6 +129,8 @@ def export_builds(
     threads: int | None = None,
     int4_accuracy_level: int | None = 4,
     int4_block_size: int = 32,
+    int4_head_bits: int = 8,
+    int4_symmetric: bool = False,
 ) -> list[BuildResult]:
     """Export `base_dir` (an HF checkpoint) with `adapter` merged in to every target; return the builds.
 
@@ -128,6 +139,7 @@ def export_builds(
     or a (path-or-bytes, LoraSpec) tuple. `targets` is e.g. "gguf:q4_k_m,gguf-lora,onnx:int4".
     Each build lands in `out_dir/<format>-<quant>/` with a manifest.json. Raises ExportError
     (ParityError when a build crosses `bounds`) and then leaves `out_dir` untouched.
+    The int4_* settings go to export.quantize.quantize_onnx_int4 for onnx:int4.
     """
     bounds = bounds or ParityBounds()
     wanted = parse_targets(targets)
@@ -137,20 +149,20 @@ def export_builds(
     base = inspect_base(base_dir)
     adapter_info = inspect_adapter(adapter, base, lora_spec) if adapter is not None else None
     _check_targets(wanted, adapter_info)
-    threads = int(threads or max(1, min(8, os.cpu_count() or 1)))
+    threads = threads or _default_threads()
     bar = _Progress(total=3 + 2 * len(wanted), enabled=progress)
     try:
         return _run(base, adapter_info, wanted, out, bar, run_id=run_id, round=round, bounds=bounds,
                     prompts=list(prompts or DEFAULT_PROMPTS), eval_texts=list(eval_texts or DEFAULT_EVAL_TEXTS),
-                    threads=threads, int4_accuracy_level=int4_accuracy_level, int4_block_size=int4_block_size)
+                    threads=threads, int4={"block_size": int4_block_size, "accuracy_level": int4_accuracy_level,
+                                           "head_bits": int4_head_bits, "symmetric": int4_symmetric})
     finally:
         bar.close()
 
 
 def _run(base: BaseInfo, adapter: AdapterInfo | None, wanted: list[Target], out: Path, bar: _Progress, *,
          run_id: str | None, round: int | None, bounds: ParityBounds, prompts: list[str],  # noqa: A002
-         eval_texts: list[str], threads: int, int4_accuracy_level: int | None,
-         int4_block_size: int) -> list[BuildResult]:
+         eval_texts: list[str], threads: int, int4: dict[str, Any]) -> list[BuildResult]:
     from export.merge import prepare_models
 
     bar.step("load and merge")
@@ -173,8 +185,7 @@ def _run(base: BaseInfo, adapter: AdapterInfo | None, wanted: list[Target], out:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would follow the builds into `out`
-        ex = Builder(base, adapter, staging, bounds=bounds, threads=threads,
-                       int4_accuracy_level=int4_accuracy_level, int4_block_size=int4_block_size)
+        ex = Builder(base, adapter, staging, bounds=bounds, threads=threads, int4=int4)
         ex.models, ex.vocab = models, vocab
         bar.step("reference (torch)")
         context = int(getattr(models.merged.config, "max_position_embeddings", 2048) or 2048)

@@ -20,7 +20,7 @@ def test_merged_and_lora_builds_pass_parity(arch: str, tmp_path: Path) -> None:
     adapter, spec = tiny_adapter(base, tmp_path / "adapter.safetensors")
     out = tmp_path / "builds"
     results = export_builds(base, (adapter, spec), "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_k_m,gguf-lora", out,
-                            run_id="run-1", round=3, bounds=ParityBounds(**LOOSE_4BIT), progress=False, threads=2)
+                            run_id="run-1", round=3, bounds=ParityBounds(**LOOSE_4BIT), progress=False)
     assert [r.target.name for r in results] == ["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora-f16"]
     assert sorted(p.name for p in out.iterdir()) == sorted(r.target.name for r in results)
     for r in results:
@@ -61,7 +61,7 @@ def test_true_k_quant_on_rows_of_256(tmp_path: Path) -> None:
         "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False})
     adapter, spec = tiny_adapter(base, tmp_path / "adapter.safetensors", targets=("q_proj", "k_proj", "down_proj"))
     results = export_builds(base, (adapter, spec), "gguf:q4_k_m,gguf-lora:q8_0", tmp_path / "out",
-                            bounds=ParityBounds(**LOOSE_4BIT), progress=False, threads=2)
+                            bounds=ParityBounds(**LOOSE_4BIT), progress=False)
     q4 = results[0].manifest.parity
     assert q4["kquant_fallback_tensors"] == 0 and q4["tensor_types"].get("Q4_K", 0) > 0
     assert results[0].warnings == []
