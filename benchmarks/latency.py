@@ -9,11 +9,13 @@ quantization), in one run on one machine:
 Each measurement runs in its own subprocess, so peak RSS is that engine's alone. Metrics:
 load time, time to first token, prefill tok/s (prompt tokens / ttft), decode tok/s (tokens
 after the first / time between first and last), peak RSS, file size; medians over `runs`
-after `warmup`. Every engine gets the same prompt token ids, greedy decoding, EOS ignored,
-the same thread count. The machine's memory read bandwidth is measured in the same run,
+timed runs after `warmup`, in each of `repeats` processes per measurement, run in alternating
+order so that bursts of other work on a shared machine do not all land on one engine.
+Every engine gets the same prompt token ids, greedy decoding, EOS ignored, the same thread
+count. The machine's memory read bandwidth is measured in the same run,
 and decode speed is reported as a fraction of the bound bandwidth / bytes read per token.
 
-    python -m benchmarks.latency --model tiny --runs 5        (or: cotune bench latency)
+    python -m benchmarks.latency --model tiny --runs 3 --repeats 2     (or: cotune bench latency)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,8 +55,10 @@ def cache_root() -> Path:
 class LatencyConfig:
     models: Sequence[str] = ("tiny", "gemma")
     engines: Sequence[str] | None = None
-    runs: int = 5
+    runs: int = 3  # per process; with repeats=2 the medians are over 6 runs
     warmup: int = 1
+    # Each measurement is split over this many processes, run in alternating order (see run_latency).
+    repeats: int = 2
     prompt_tokens: int = 512
     decode_tokens: int = 128
     threads: int | None = None
@@ -599,8 +604,10 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
     if cfg.runs < 1:
         raise ValueError("runs must be >= 1")
     notes: list[str] = []
-    if cfg.runs < 5:
-        notes.append(f"only {cfg.runs} timed runs per measurement: a reduced run, not a result to quote")
+    if cfg.repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if cfg.runs * cfg.repeats < 5:
+        notes.append(f"only {cfg.runs * cfg.repeats} timed runs per measurement: a reduced run, not a result to quote")
     log("measuring memory read bandwidth")
     bandwidth = _subprocess(["--bandwidth", "--threads", str(threads)], threads, 300)
     rows: list[dict[str, Any]] = []
@@ -618,25 +625,38 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
         ids = _prompt_ids(assets, cfg.prompt_tokens)
         pad = _pad_id(assets.hf_dir)
         bytes_cache: dict[str, int | None] = {}
-        for job in plan_jobs(assets, engines):
-            spec = {**job, "ids": ids, "decode": cfg.decode_tokens, "runs": cfg.runs, "warmup": cfg.warmup,
-                    "threads": threads, "hf_dir": str(assets.hf_dir) if assets.hf_dir else None, "pad_id": pad,
-                    "flash_attn": cfg.flash_attn}
-            log(f"{key} {job['build']} {job['engine']}: measuring")
+        jobs = plan_jobs(assets, engines)
+        measured: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(jobs))}
+        failures: dict[int, str] = {}
+        # Passes alternate the order of the jobs (each a fresh process), so a burst of other
+        # work on a shared machine lands on different engines instead of sinking one of them.
+        for p in range(cfg.repeats):
+            order = list(range(len(jobs))) if p % 2 == 0 else list(reversed(range(len(jobs))))
+            for i in order:
+                job = jobs[i]
+                spec = {**job, "ids": ids, "decode": cfg.decode_tokens, "runs": cfg.runs, "warmup": cfg.warmup,
+                        "threads": threads, "hf_dir": str(assets.hf_dir) if assets.hf_dir else None,
+                        "pad_id": pad, "flash_attn": cfg.flash_attn}
+                log(f"{key} {job['build']} {job['engine']}: measuring (pass {p + 1}/{cfg.repeats})")
+                try:
+                    spec_file = Path(cfg.out_dir) / ".spec.json"
+                    spec_file.parent.mkdir(parents=True, exist_ok=True)
+                    spec_file.write_text(json.dumps(spec))
+                    figures = _subprocess(["--worker", str(spec_file)], threads, cfg.timeout_s)
+                    measured[i].append(figures)
+                    log(f"  ttft {figures['ttft_s'] * 1000:.0f} ms, prefill {figures['prefill_tok_s']:.0f} tok/s, "
+                        f"decode {figures['decode_tok_s']:.1f} tok/s, rss {figures['peak_rss_bytes'] / 2**20:.0f} MiB")
+                except Exception as exc:  # noqa: BLE001 - report the failure, keep measuring the rest
+                    failures[i] = str(exc)[:300]
+                    log(f"  failed: {failures[i]}")
+        for i, job in enumerate(jobs):
             row = {k: job.get(k) for k in ("model", "build", "format", "quant", "engine", "file_bytes", "note")}
             row["label"] = f"{key} {job['build']} {job['engine']}"
-            try:
-                spec_file = Path(cfg.out_dir) / ".spec.json"
-                spec_file.parent.mkdir(parents=True, exist_ok=True)
-                spec_file.write_text(json.dumps(spec))
-                figures = _subprocess(["--worker", str(spec_file)], threads, cfg.timeout_s)
-                row.update({k: figures[k] for k in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                                                     "decode_tok_s_min", "decode_tok_s_max", "peak_rss_bytes",
-                                                     "runs", "per_run", "torch_imported")})
-            except Exception as exc:  # noqa: BLE001 - report the failure, keep measuring the rest
-                row["error"] = str(exc)[:300]
+            if measured[i]:
+                row.update(_pool(measured[i], cfg.prompt_tokens))
+            else:
+                row["error"] = failures.get(i, "not measured")
                 notes.append(f"{row['label']}: failed ({row['error']})")
-                log(f"  failed: {row['error']}")
             if job["build"] not in bytes_cache:
                 build = next((b for b in assets.builds if b.label == job["build"]), None)
                 bytes_cache[job["build"]] = weight_bytes_per_token(build, assets.hf_dir if build is None else None)
@@ -647,9 +667,6 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                 row["bandwidth_bound_tok_s"] = bound
                 row["bandwidth_fraction"] = row["decode_tok_s"] / bound
             rows.append(row)
-            if "decode_tok_s" in row:
-                log(f"  ttft {row['ttft_s'] * 1000:.0f} ms, prefill {row['prefill_tok_s']:.0f} tok/s, "
-                    f"decode {row['decode_tok_s']:.1f} tok/s, rss {row['peak_rss_bytes'] / 2**20:.0f} MiB")
         (Path(cfg.out_dir) / ".spec.json").unlink(missing_ok=True)
     _add_ratios(rows)
     notes.extend(_target_notes(rows))
@@ -668,7 +685,8 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                     f"{threads} threads); 'decode / BW bound' = decode tok/s / (bandwidth / weight bytes read "
                     "per token)")
     notes.insert(1, f"prompt {cfg.prompt_tokens} tokens, {cfg.decode_tokens} generated, greedy, EOS ignored, "
-                    f"{threads} threads for every engine; medians of {cfg.runs} runs after {cfg.warmup} warm-up; "
+                    f"{threads} threads for every engine; medians of {cfg.runs} runs x {cfg.repeats} "
+                    f"processes (alternating order), each after {cfg.warmup} warm-up; "
                     "'decode vs raw' compares cotune with llama-cpp-python (GGUF) or optimum (ONNX) on the same file")
     paths = write_report(cfg.out_dir, "latency", "Edge runtime latency", rows, columns,
                          panels=[Panel("decode_tok_s", "decode tok/s"), Panel("ttft_s", "time to first token (s)"),
@@ -676,6 +694,19 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                          label_key="label", color_key="engine", meta=meta, notes=notes)
     log(paths["md"].read_text())
     return paths
+
+
+def _pool(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
+    """One engine's passes together: medians over every timed run, the worst peak RSS."""
+    from edge_sdk.runtime.bench import summarize
+
+    runs = [r for res in results for r in res["per_run"]]
+    pooled = summarize(runs, prompt_tokens)
+    pooled["load_s"] = statistics.median(res["load_s"] for res in results)
+    pooled["peak_rss_bytes"] = max(res["peak_rss_bytes"] for res in results)
+    pooled["torch_imported"] = any(res.get("torch_imported") for res in results)
+    pooled["processes"] = len(results)
+    return pooled
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -714,8 +745,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", action="append", help="tiny | gemma (repeatable)")
     parser.add_argument("--engine", action="append", help=f"one of {', '.join(ENGINES)} (repeatable)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per process")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="processes per measurement, alternating order")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int)
@@ -730,10 +762,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.bandwidth:
         print(json.dumps(bandwidth_worker(args.threads or 1)), flush=True)
         return
-    run_latency(LatencyConfig(models=args.model or ["tiny", "gemma"], engines=args.engine, runs=args.runs,
-                              warmup=args.warmup, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                              threads=args.threads, gguf_quants=args.gguf_quant, onnx_quants=args.onnx_quant,
-                              formats=args.format or ("gguf", "onnx"), out_dir=args.out))
+    run_latency(LatencyConfig(
+        models=args.model or ["tiny", "gemma"], engines=args.engine, runs=args.runs, warmup=args.warmup,
+        repeats=args.repeats, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, threads=args.threads,
+        gguf_quants=args.gguf_quant, onnx_quants=args.onnx_quant, formats=args.format or ("gguf", "onnx"),
+        out_dir=args.out))
 
 
 if __name__ == "__main__":

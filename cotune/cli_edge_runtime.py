@@ -134,8 +134,9 @@ def bench_latency(
         list[str] | None,
         typer.Option("--engine", help="cotune | llama-cpp-python | optimum | transformers (repeatable; default all)"),
     ] = None,
-    runs: Annotated[int, typer.Option(help="timed runs per measurement (medians reported; >= 5 for results)")] = 5,
+    runs: Annotated[int, typer.Option(help="timed runs per process (medians over all reported)")] = 3,
     warmup: Annotated[int, typer.Option(help="untimed runs first")] = 1,
+    repeats: Annotated[int, typer.Option(help="processes per measurement, run in alternating order")] = 2,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 512,
     decode_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 128,
     threads: Annotated[int | None, typer.Option(help="CPU threads for every engine (default: usable cores)")] = None,
@@ -158,7 +159,7 @@ def bench_latency(
     from benchmarks.latency import LatencyConfig, run_latency
 
     cfg = LatencyConfig(
-        models=model or ["tiny", "gemma"], engines=engine or None, runs=runs, warmup=warmup,
+        models=model or ["tiny", "gemma"], engines=engine or None, runs=runs, warmup=warmup, repeats=repeats,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
         gguf_quants=gguf_quant or None, onnx_quants=onnx_quant or None, formats=build_format or ("gguf", "onnx"),
         out_dir=out, timeout_s=timeout,
