@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cotune.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
-from edge_sdk.protocol import META_NUM_SAMPLES
-from edge_sdk.tensorfile import load_arrays, save_arrays
+from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
+from common.protocol import META_NUM_SAMPLES
+from common.tensorfile import load_arrays, save_arrays
 
 OPS = ("register", "poll", "download", "upload")
 
@@ -69,8 +69,8 @@ class RssWatch:
 
 def build_model(root: Path) -> Path:
     """A small llama-shaped SLM with our own tokenizer; LoRA r=128 on q/k/v/o makes 1 MiB adapters."""
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
-    from edge_sdk.ml.tokenizer import save_tokenizer, train_tokenizer
+    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.tokenizer import save_tokenizer, train_tokenizer
 
     tok = root / "tokenizer"
     save_tokenizer(train_tokenizer([f"device {i} talks to the coordinator" for i in range(200)], 384), tok)

@@ -69,7 +69,7 @@ class Evaluator:
     """Scores models on the global test split and on each device's own held-out split."""
 
     def __init__(self, world: BenchWorld, max_new_tokens: int = 24) -> None:
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         self.test = read_jsonl(world.test)
         self.local = [read_jsonl(p) for p in world.client_tests]
@@ -77,7 +77,7 @@ class Evaluator:
         self.seconds = 0.0  # time spent evaluating, kept out of the methods' wall time
 
     def _eval(self, model: Any, tok: Any, records: list) -> dict[str, Any]:
-        from edge_sdk.ml.evaluate import evaluate
+        from common.ml.evaluate import evaluate
 
         started = time.perf_counter()
         try:
@@ -108,19 +108,19 @@ class Evaluator:
 
 
 def _lora() -> Any:
-    from edge_sdk.protocol import LoraSpec
+    from common.protocol import LoraSpec
 
     return LoraSpec.model_validate(LORA)
 
 
 def _train(**changes: Any) -> Any:
-    from edge_sdk.protocol import TrainSpec
+    from common.protocol import TrainSpec
 
     return TrainSpec.model_validate({**TRAIN, **changes})
 
 
 def _records(world: BenchWorld) -> list[list]:
-    from edge_sdk.tasks.records import read_jsonl
+    from common.records import read_jsonl
 
     return [read_jsonl(p) for p in world.clients]
 
@@ -130,7 +130,7 @@ def _round_seed(seed: int, number: int) -> int:
 
 
 def zero_shot(world: BenchWorld, ev: Evaluator) -> dict[str, Any]:
-    from edge_sdk.ml.tiny import load_checkpoint
+    from common.ml.tiny import load_checkpoint
 
     shared = ev.slms([load_checkpoint(world.slm_dir)])
     het = ev.slms([load_checkpoint(d) for d in world.het_slms])
@@ -138,9 +138,9 @@ def zero_shot(world: BenchWorld, ev: Evaluator) -> dict[str, Any]:
 
 
 def run_standalone(world: BenchWorld, ev: Evaluator, seed: int, rounds: int, het: bool) -> list[dict[str, Any]]:
-    from edge_sdk.ml.lora import attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.ml.train import train_lora
+    from common.ml.lora import attach_lora
+    from common.ml.tiny import load_checkpoint
+    from common.ml.train import train_lora
 
     data = _records(world)
     models = [load_checkpoint(world.het_slms[k] if het else world.slm_dir) for k in range(NUM_CLIENTS)]
@@ -157,9 +157,9 @@ def run_standalone(world: BenchWorld, ev: Evaluator, seed: int, rounds: int, het
 
 
 def run_centralized(world: BenchWorld, ev: Evaluator, seed: int, rounds: int) -> list[dict[str, Any]]:
-    from edge_sdk.ml.lora import attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.ml.train import train_lora
+    from common.ml.lora import attach_lora
+    from common.ml.tiny import load_checkpoint
+    from common.ml.train import train_lora
 
     pooled = [r for records in _records(world) for r in records]
     llm, llm_tok = load_checkpoint(world.llm_dir)
@@ -177,7 +177,7 @@ def run_centralized(world: BenchWorld, ev: Evaluator, seed: int, rounds: int) ->
 
 
 def _spec(method: str, world: BenchWorld, seed: int, rounds: int, cfg: QualityConfig) -> Any:
-    from edge_sdk.protocol import RunSpec
+    from common.protocol import RunSpec
 
     params: dict[str, Any] = {}
     if method == "co-plms":
@@ -197,8 +197,8 @@ def _spec(method: str, world: BenchWorld, seed: int, rounds: int, cfg: QualityCo
 def _selection_quality(store: Any, outputs: dict[str, str], truth: dict[str, str]) -> dict[str, Any]:
     """CrossLM only: how many selected / synthetic answers are exactly right (benchmark oracle)."""
     from edge_sdk.handlers.crosslm import SELECTED
-    from edge_sdk.ml.synthetic_set import samples_from_bytes
-    from edge_sdk.tasks.metrics import exact_match
+    from common.ml.synthetic_set import samples_from_bytes
+    from common.metrics import exact_match
 
     if SELECTED not in outputs:
         return {"selected": 0, "selected_correct": None}

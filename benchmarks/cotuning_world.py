@@ -1,5 +1,5 @@
 """The quality benchmark's world: the demo world's tokenizer and pretrained LLM / SLM
-(cotune.demo_world), SLMs of two more architectures pretrained the same way, the data
+(cotune.demo.world), SLMs of two more architectures pretrained the same way, the data
 splits, and CrossLM's prompt pool.
 
 - Heterogeneous SLMs (Co-PLMs, CrossLM, Standalone-het): client k runs HET[k % 3]: the demo
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.tasks.records import TaskRecord, write_jsonl
+from common.records import TaskRecord, write_jsonl
 
 NUM_CLIENTS = 3
 POOL_CLIENTS = 4
@@ -47,9 +47,9 @@ class BenchWorld:
 
 
 def _het_slm(arch: str, size: str, seed: int, world: Any, public: list[TaskRecord], out: Path) -> Path:
-    from cotune.demo_world import MAX_LEN, SLM, VOCAB_SIZE
-    from edge_sdk.ml.tiny import build_tiny_model, pretrain, save_checkpoint
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from cotune.demo.world import MAX_LEN, SLM, VOCAB_SIZE
+    from common.ml.tiny import build_tiny_model, pretrain, save_checkpoint
+    from common.ml.tokenizer import load_hf_tokenizer
 
     model = build_tiny_model(arch, size, VOCAB_SIZE, seed=seed)
     pretrain(model, load_hf_tokenizer(world.tokenizer_dir), public, steps=SLM["steps"], lr=SLM["lr"],
@@ -59,8 +59,8 @@ def _het_slm(arch: str, size: str, seed: int, world: Any, public: list[TaskRecor
 
 def build_bench_world(out_dir: Path, seed: int = 0, scale: float = 1.0, cache_dir: Path | None = None,
                       progress: bool = False) -> BenchWorld:
-    from cotune.demo_world import SLM, prepare_world
-    from edge_sdk.tasks.synthetic import make_suite
+    from cotune.demo.world import SLM, prepare_world
+    from cotune.demo.synthetic import make_suite
 
     out_dir = Path(out_dir)
     world = prepare_world(out_dir / "demo", num_clients=NUM_CLIENTS, seed=seed, cache_dir=cache_dir,

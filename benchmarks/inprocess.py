@@ -21,9 +21,9 @@ from typing import Any
 from cloud.store import BlobStore
 from cloud.strategies import Strategy, UpdateFile
 from edge_sdk.handlers import DeviceContext, TaskHandler, handler_for
-from edge_sdk.protocol import META_METRICS, META_NUM_SAMPLES, ArtifactRef, RoundInfo, RoundState, RunState
-from edge_sdk.tasks.records import TaskRecord
-from edge_sdk.tensorfile import check_schema, read_header, save_arrays
+from common.protocol import META_METRICS, META_NUM_SAMPLES, ArtifactRef, RoundInfo, RoundState, RunState
+from common.records import TaskRecord
+from common.tensorfile import check_schema, read_header, save_arrays
 from edge_sdk.worker import ArtifactCache
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import Column, Panel, write_report
-from edge_sdk.manifest import BuildFile, BuildManifest, file_digest
+from common.manifest import BuildFile, BuildManifest, file_digest
 
 ENGINES = ("cotune", "llama-cpp-python", "optimum", "transformers")
 DEFAULT_GGUF_QUANTS = ("q4_k_m", "q8_0", "f16")
@@ -220,10 +220,10 @@ def tiny_checkpoint() -> Path:
     out = cache_root() / "bench" / f"tiny-v{ASSET_VERSION}" / "hf"
     if (out / "model.safetensors").is_file():
         return out
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
-    from edge_sdk.ml.tokenizer import train_tokenizer
+    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.tokenizer import train_tokenizer
     from edge_sdk.runtime.bench import FILLER
-    from edge_sdk.tasks.synthetic import all_text, make_suite
+    from cotune.demo.synthetic import all_text, make_suite
 
     texts = [*all_text(make_suite(num_clients=2, seed=0)), *FILLER.split(". ")]
     tokenizer = train_tokenizer(texts, vocab_size=1024)
@@ -379,7 +379,7 @@ def _onnx_bytes(path: Path) -> int:
 
 
 def _safetensors_bytes(hf_dir: Path) -> int:
-    from edge_sdk.tensorfile import read_header
+    from common.tensorfile import read_header
 
     total, embed, has_head = 0, 0, False
     for f in sorted(hf_dir.glob("*.safetensors")):

@@ -21,8 +21,8 @@ from cloud.errors import ApiError
 from cloud.rounds import RoundDriver
 from cloud.service import Coordinator
 from cloud.settings import CoordinatorSettings
-from edge_sdk import __version__
-from edge_sdk.protocol import (
+from common import __version__
+from common.protocol import (
     SHA256_PATTERN,
     BuildInfo,
     BuildList,

@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from cloud.db import Artifact, Build, Round, Run
 from cloud.errors import ApiError, forbidden
-from edge_sdk.manifest import BuildManifest
-from edge_sdk.protocol import ArtifactRef, BuildInfo, BuildList, DeviceProfile, RunSpec, RunState
+from common.manifest import BuildManifest
+from common.protocol import ArtifactRef, BuildInfo, BuildList, DeviceProfile, RunSpec, RunState
 
 log = logging.getLogger("cotune.builds")
 
@@ -81,7 +81,7 @@ def list_builds(coord: Any, run_id: str, viewer: Any, profile: DeviceProfile | N
                                for f in r.manifest.get("files", [])]) for r in rows]
     if profile is None or not builds:
         return BuildList(builds=builds, reason=None if builds else "the run has published no builds yet")
-    from edge_sdk.runtime.selection import NoSuitableBuildError, choose_build
+    from common.selection import NoSuitableBuildError, choose_build
 
     manifests = [BuildManifest.model_validate(b.manifest) for b in builds]
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_sdk.protocol import ErrorDetail
+from common.protocol import ErrorDetail
 
 
 class ApiError(Exception):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edge_sdk.protocol import GenerateRequest, GenerateResponse
+from common.protocol import GenerateRequest, GenerateResponse
 
 
 def complete(model: Any, tokenizer: Any, request: GenerateRequest, model_name: str) -> GenerateResponse:
     import torch
 
-    from edge_sdk.ml.batching import _prompt_ids, _special_ids
+    from common.ml.batching import _prompt_ids, _special_ids
 
     started = time.perf_counter()
     _, eos, pad = _special_ids(tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.store import BlobStore
-from edge_sdk.protocol import LoraSpec
+from common.protocol import LoraSpec
 
 # Files of a checkpoint directory that devices may receive. Pickled weights are refused:
 # loading them runs arbitrary code.
@@ -59,8 +59,8 @@ class ModelHolder:
         self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def get(self, ckpt_dir: str | Path, lora: LoraSpec, seed: int) -> tuple[Any, Any]:
-        from edge_sdk.ml.lora import attach_lora
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import attach_lora
+        from common.ml.tiny import load_checkpoint
 
         key = (str(Path(ckpt_dir).resolve()), lora.model_dump_json())
         if key not in self._models:
@@ -71,7 +71,7 @@ class ModelHolder:
     def with_adapter(
         self, ckpt_dir: str | Path, lora: LoraSpec, seed: int, adapter_digest: str
     ) -> tuple[Any, Any]:
-        from edge_sdk.ml.lora import adapter_from_bytes, load_adapter_state
+        from common.ml.lora import adapter_from_bytes, load_adapter_state
 
         model, tokenizer = self.get(ckpt_dir, lora, seed)
         tensors, _meta = adapter_from_bytes(self.store.read_bytes(adapter_digest))
@@ -79,6 +79,6 @@ class ModelHolder:
         return model, tokenizer
 
     def save_adapter(self, model: Any) -> str:
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes
+        from common.ml.lora import adapter_state, adapter_to_bytes
 
         return self.store.put_bytes(adapter_to_bytes(adapter_state(model)))

@@ -23,8 +23,8 @@ from cloud.db import Client, Round, RoundEvent, Run, Update
 from cloud.faults import failpoint
 from cloud.service import Coordinator, aware
 from cloud.strategies import UpdateFile
-from edge_sdk.protocol import RoundState, RunSpec, RunState
-from edge_sdk.tensorfile import save_arrays
+from common.protocol import RoundState, RunSpec, RunState
+from common.tensorfile import save_arrays
 
 log = logging.getLogger("cotune.rounds")
 

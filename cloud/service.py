@@ -26,7 +26,7 @@ from cloud.models import ModelHolder
 from cloud.settings import CoordinatorSettings
 from cloud.store import BlobStore, file_sha256
 from cloud.strategies import SpecError, Strategy, strategy_class
-from edge_sdk.protocol import (
+from common.protocol import (
     META_METRICS,
     META_NUM_SAMPLES,
     ArtifactRef,
@@ -43,7 +43,7 @@ from edge_sdk.protocol import (
     RunStatus,
     UpdateReceipt,
 )
-from edge_sdk.tensorfile import TensorFileError, check_finite, check_schema, load_arrays, read_header
+from common.tensorfile import TensorFileError, check_finite, check_schema, load_arrays, read_header
 
 log = logging.getLogger("cotune.coordinator")
 

@@ -9,7 +9,7 @@ import tomllib
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_sdk.protocol import RunSpec
+from common.protocol import RunSpec
 
 
 class CoordinatorSettings(BaseSettings):

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from edge_sdk import __version__
-from edge_sdk.protocol import (
+from common import __version__
+from common.protocol import (
     ArtifactRef,
     BuildList,
     ClientCredentials,
@@ -28,7 +28,7 @@ from edge_sdk.protocol import (
     RunStatus,
     UpdateReceipt,
 )
-from edge_sdk.retry import Backoff, call_with_retry
+from common.retry import Backoff, call_with_retry
 
 log = logging.getLogger("cotune.edge.client")
 M = TypeVar("M", bound=BaseModel)

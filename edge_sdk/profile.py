@@ -7,7 +7,7 @@ import os
 import platform
 from pathlib import Path
 
-from edge_sdk.protocol import DeviceProfile
+from common.protocol import DeviceProfile
 
 
 def _ram_bytes() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from edge_sdk.client import CoordinatorClient, CoordinatorError
 from edge_sdk.handlers import HANDLERS, DeviceContext, TaskHandler, handler_for
 from edge_sdk.profile import detect_profile
-from edge_sdk.protocol import (
+from common.protocol import (
     META_KIND,
     META_METRICS,
     META_NUM_SAMPLES,
@@ -32,7 +32,7 @@ from edge_sdk.protocol import (
     RoundState,
     RunState,
 )
-from edge_sdk.tensorfile import save_arrays
+from common.tensorfile import save_arrays
 
 log = logging.getLogger("cotune.edge")
 
@@ -98,7 +98,7 @@ class ArtifactCache:
 
 class EdgeWorker:
     def __init__(self, config: JoinConfig, on_event: Callable[[str], None] | None = None) -> None:
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         self.config = config
         self.say = on_event or (lambda msg: log.info("%s", msg))
@@ -195,7 +195,7 @@ class EdgeWorker:
 
     def _pull_build(self, info: RoundInfo, out_dir: Path) -> Path | None:
         """Fetch the edge build of the final model that fits this device, if the run makes any."""
-        from edge_sdk.manifest import BuildManifest
+        from common.manifest import BuildManifest
 
         deadline = time.monotonic() + self.config.build_wait_s
         while info.builds == "pending" and time.monotonic() < deadline:

@@ -30,11 +30,11 @@ FACTS = [
 
 def train_adapter(checkpoint: Path, out_dir: Path, steps: int, seed: int = 0) -> Path:
     """A few LoRA steps on FACTS; writes adapter.safetensors + adapter_info.json like a device does."""
-    from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.ml.train import train_lora
-    from edge_sdk.protocol import LoraSpec, TrainSpec
-    from edge_sdk.tasks.records import TaskRecord
+    from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+    from common.ml.tiny import load_checkpoint
+    from common.ml.train import train_lora
+    from common.protocol import LoraSpec, TrainSpec
+    from common.records import TaskRecord
 
     model, tokenizer = load_checkpoint(checkpoint)
     spec = LoraSpec(r=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

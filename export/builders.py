@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.manifest import file_digest
+from common.manifest import file_digest
 from export.inputs import AdapterInfo, BaseInfo
 from export.merge import TOKENIZER_FILES
 from export.parity import (

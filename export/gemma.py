@@ -63,7 +63,7 @@ def gemma_checkpoint(cache: Path | None = None) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
              "model_max_length": int(cfg.max_position_embeddings), **specials}, indent=2))
-        from edge_sdk.manifest import file_digest
+        from common.manifest import file_digest
 
         (tmp / "cotune_source.json").write_text(json.dumps(
             {"gguf": gguf_path.name, "gguf_sha256": file_digest(gguf_path),

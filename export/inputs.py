@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.manifest import file_digest
+from common.manifest import file_digest
 from export.errors import ExportError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from edge_sdk.protocol import LoraSpec
+    from common.protocol import LoraSpec
 
 # HF model_type -> llama.cpp architecture name.
 SUPPORTED_ARCHS: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
@@ -245,7 +245,7 @@ def inspect_adapter(adapter: Any, base: BaseInfo, spec: LoraSpec | None = None) 
 
 def adapter_spec_beside(path: Path) -> LoraSpec | None:
     """The LoraSpec in the adapter_info.json a device writes beside its final adapter, if any."""
-    from edge_sdk.protocol import LoraSpec
+    from common.protocol import LoraSpec
 
     info = path.parent / "adapter_info.json"
     if not info.is_file():

@@ -65,7 +65,7 @@ def load_base_model(info: BaseInfo) -> PreTrainedModel:
 
 
 def load_tokenizer(info: BaseInfo) -> Any:
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tokenizer import load_hf_tokenizer
 
     try:
         return load_hf_tokenizer(info.dir)
@@ -81,7 +81,7 @@ def _attach(model: PreTrainedModel, adapter: AdapterInfo) -> Any:
             return PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ExportError(f"{adapter.path}: the adapter does not fit this base model ({exc})") from None
-    from edge_sdk.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
+    from common.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
 
     data = adapter.data if adapter.data is not None else Path(adapter.path or "").read_bytes()
     tensors, _ = adapter_from_bytes(data)

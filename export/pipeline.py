@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.manifest import BuildFile, BuildManifest, file_digest
+from common.manifest import BuildFile, BuildManifest, file_digest
 from export.builders import Builder
 from export.errors import ExportError, ParityError
 from export.inputs import AdapterInfo, BaseInfo, inspect_adapter, inspect_base

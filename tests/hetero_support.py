@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cotune.quickstart import child_env, cotune_cmd
+from cotune.demo.quickstart import child_env, cotune_cmd
 from tests.support import CoordinatorProcess, TinyWorld
 
 
@@ -24,9 +24,9 @@ class HetSlms:
 
 
 def build_het_slms(world: TinyWorld, root: Path) -> HetSlms:
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
-    from edge_sdk.ml.tokenizer import save_tokenizer, train_tokenizer
-    from edge_sdk.tasks.records import read_jsonl
+    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.tokenizer import save_tokenizer, train_tokenizer
+    from common.records import read_jsonl
 
     tok_dir = world.root / "tokenizer"
     texts = [t for path in world.data.values() for r in read_jsonl(path) for t in (r.prompt, r.response)]
@@ -43,7 +43,7 @@ def build_het_slms(world: TinyWorld, root: Path) -> HetSlms:
 
 
 def _cli_takes_slm() -> bool:
-    from cotune.cli import edge_join
+    from cotune.cli.main import edge_join
 
     return "slm" in inspect.signature(edge_join).parameters
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from edge_sdk.client import CoordinatorClient
-from edge_sdk.manifest import BuildManifest
-from edge_sdk.protocol import DeviceProfile
+from common.manifest import BuildManifest
+from common.protocol import DeviceProfile
 from tests.support import CoordinatorProcess, run_spec
 from tests.test_faults import _updates
 

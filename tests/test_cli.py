@@ -9,7 +9,7 @@ from tests.support import CoordinatorProcess, run_spec
 
 
 def cotune(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cotune.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cotune.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

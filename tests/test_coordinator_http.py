@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from edge_sdk.client import CoordinatorClient, CoordinatorError
-from edge_sdk.protocol import META_METRICS, META_NUM_SAMPLES, DeviceProfile
-from edge_sdk.tensorfile import load_arrays, read_header, save_arrays
+from common.protocol import META_METRICS, META_NUM_SAMPLES, DeviceProfile
+from common.tensorfile import load_arrays, read_header, save_arrays
 from tests.support import CoordinatorProcess, run_spec
 
 LIMIT = 256 * 1024

@@ -13,7 +13,7 @@ import pytest
 
 from edge_sdk.client import CoordinatorClient, CoordinatorError
 from edge_sdk.handlers.local_slm import describe_local_slm
-from edge_sdk.protocol import ClientRegistration
+from common.protocol import ClientRegistration
 from tests.hetero_support import HetSlms, build_het_slms, run_devices
 from tests.support import CoordinatorProcess, TinyWorld, build_tiny_world, run_spec
 
@@ -149,10 +149,10 @@ def test_vocab_alignment_carries_the_teachers_prediction_to_the_student(world3, 
     at the positions where both tokenizations have a boundary."""
     import torch
 
-    from edge_sdk.ml.batching import collate, encode_sft
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
-    from edge_sdk.ml.vocab_align import VocabAlignment, same_vocabulary
-    from edge_sdk.tasks.records import read_jsonl
+    from common.ml.batching import collate, encode_sft
+    from common.ml.tokenizer import load_hf_tokenizer
+    from common.ml.vocab_align import VocabAlignment, same_vocabulary
+    from common.records import read_jsonl
 
     teacher_tok = load_hf_tokenizer(world3.root / "tokenizer")  # 384 ids: coarser tokens
     student_tok = load_hf_tokenizer(slms.qwen2_own_tok)  # 320 ids: finer tokens

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 
 from edge_sdk.client import CoordinatorClient
-from edge_sdk.protocol import META_NUM_SAMPLES, DeviceProfile
-from edge_sdk.tensorfile import load_arrays, save_arrays
+from common.protocol import META_NUM_SAMPLES, DeviceProfile
+from common.tensorfile import load_arrays, save_arrays
 from tests.support import CoordinatorProcess, run_spec
 
 

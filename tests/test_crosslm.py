@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from edge_sdk.handlers.local_slm import describe_local_slm
-from edge_sdk.ml.synthetic_set import samples_from_bytes
+from common.ml.synthetic_set import samples_from_bytes
 from tests.hetero_support import HetSlms, build_het_slms, run_devices
 from tests.support import CoordinatorProcess, TinyWorld, build_tiny_world, run_spec
 
@@ -122,12 +122,12 @@ def test_device_scores_prefer_what_its_slm_learned(world3) -> None:
     """A device's score is higher for an answer its SLM learned than for a wrong one, and its
     weight is its share of data in the sample's domain."""
     from edge_sdk.handlers.crosslm import domain_weights
-    from edge_sdk.ml.lora import attach_lora
-    from edge_sdk.ml.scoring import plausibility
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.ml.train import train_lora
-    from edge_sdk.protocol import LoraSpec, TrainSpec
-    from edge_sdk.tasks.records import TaskRecord, read_jsonl
+    from common.ml.lora import attach_lora
+    from common.ml.scoring import plausibility
+    from common.ml.tiny import load_checkpoint
+    from common.ml.train import train_lora
+    from common.protocol import LoraSpec, TrainSpec
+    from common.records import TaskRecord, read_jsonl
 
     records = read_jsonl(world3.data["client_0"])[:8]
     model, tok = load_checkpoint(world3.slm_dir)

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_sdk.ml.distill import kd_loss, mutual_distillation
-from edge_sdk.ml.lora import attach_lora
-from edge_sdk.ml.tiny import build_tiny_model
-from edge_sdk.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
-from edge_sdk.protocol import DistillSpec, LoraSpec
-from edge_sdk.tasks.synthetic import all_text, make_suite
+from cloud.training.distill import mutual_distillation
+from common.ml.kd import kd_loss
+from common.ml.lora import attach_lora
+from common.ml.tiny import build_tiny_model
+from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
+from common.protocol import DistillSpec, LoraSpec
+from cotune.demo.synthetic import all_text, make_suite
 
 VOCAB = 512
 

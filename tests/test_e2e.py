@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from cotune.quickstart import child_env
-from edge_sdk.manifest import BuildManifest
-from edge_sdk.ml.batching import format_prompt
+from cotune.demo.quickstart import child_env
+from common.manifest import BuildManifest
+from common.ml.batching import format_prompt
 from edge_sdk.runtime import EdgeModel
 from tests.support import CoordinatorProcess, join_cmd, run_spec
 

@@ -24,7 +24,7 @@ def test_gemma_tokenizer_matches_llama_cpp(gemma: Path) -> None:
     """Our tokenizer.json and the package's own GGUF vocabulary split text identically."""
     import llama_cpp
 
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tokenizer import load_hf_tokenizer
     from export.gemma import gemma_gguf
     from tests.test_export_tokenizer import sample_texts
 
@@ -37,12 +37,12 @@ def test_gemma_tokenizer_matches_llama_cpp(gemma: Path) -> None:
 
 
 def test_gemma_export_with_adapter(gemma: Path, tmp_path: Path) -> None:
-    from edge_sdk.manifest import BuildManifest
-    from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.ml.train import train_lora
-    from edge_sdk.protocol import LoraSpec, TrainSpec
-    from edge_sdk.tasks.records import TaskRecord
+    from common.manifest import BuildManifest
+    from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+    from common.ml.tiny import load_checkpoint
+    from common.ml.train import train_lora
+    from common.protocol import LoraSpec, TrainSpec
+    from common.records import TaskRecord
     from export import ParityBounds, export_builds
 
     model, tokenizer = load_checkpoint(gemma)

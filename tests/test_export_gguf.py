@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.manifest import BuildManifest
+from common.manifest import BuildManifest
 from export import ParityBounds, export_builds
 from tests.test_export_support import LOOSE_4BIT, tiny_adapter, tiny_checkpoint
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.manifest import BuildManifest
+from common.manifest import BuildManifest
 from export import ParityBounds, ParityError, export_builds
 from tests.test_export_support import tiny_adapter, tiny_checkpoint
 
@@ -62,8 +62,8 @@ def test_peft_directory_and_adapter_info_and_base_only(world: tuple[Path, Path, 
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from edge_sdk.ml.lora import attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
+    from common.ml.lora import attach_lora
+    from common.ml.tiny import load_checkpoint
 
     base, adapter, spec = world
     # The same adapter as a peft save_pretrained directory.
@@ -96,7 +96,7 @@ def test_cli_export_command(world: tuple[Path, Path, object], tmp_path: Path) ->
     import typer
     from typer.testing import CliRunner
 
-    from cotune.cli_export import export_command
+    from cotune.cli.export import export_command
 
     base, adapter, spec = world
     app = typer.Typer()

@@ -20,8 +20,8 @@ CORPUS = [
 
 
 def train_bpe_tokenizer(vocab_size: int = 512) -> Any:
-    """The project's byte-level BPE tokenizer (edge_sdk.ml.tokenizer) trained on CORPUS."""
-    from edge_sdk.ml.tokenizer import train_tokenizer
+    """The project's byte-level BPE tokenizer (common.ml.tokenizer) trained on CORPUS."""
+    from common.ml.tokenizer import train_tokenizer
 
     return train_tokenizer(CORPUS * 20, vocab_size=vocab_size)
 
@@ -32,7 +32,7 @@ def tiny_checkpoint(root: Path, arch: str = "llama", *, vocab_size: int = 512, s
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.tiny import build_tiny_model, save_checkpoint
 
     if config is None:
         model = build_tiny_model(arch, "tiny", vocab_size=vocab_size, seed=seed)
@@ -52,9 +52,9 @@ def tiny_adapter(checkpoint: Path, out: Path, *, r: int = 4, targets: tuple[str,
     """A cotune adapter file for `checkpoint` with non-zero B (so merging changes the model), and its LoraSpec."""
     import torch
 
-    from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from edge_sdk.ml.tiny import load_checkpoint
-    from edge_sdk.protocol import LoraSpec
+    from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+    from common.ml.tiny import load_checkpoint
+    from common.protocol import LoraSpec
 
     model, _ = load_checkpoint(checkpoint)
     spec = LoraSpec(r=r, alpha=2.0 * r, target_modules=list(targets))

@@ -30,8 +30,8 @@ def sample_texts() -> list[str]:
 
 def gguf_for(tok_dir: Path, out: Path) -> Path:
     """A tiny llama GGUF carrying the tokenizer in `tok_dir` (only its vocabulary matters here)."""
-    from edge_sdk.ml.tiny import build_tiny_model
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tiny import build_tiny_model
+    from common.ml.tokenizer import load_hf_tokenizer
     from export.gguf_tokenizer import vocab_from_tokenizer
     from export.gguf_writer import write_gguf
 
@@ -44,7 +44,7 @@ def gguf_for(tok_dir: Path, out: Path) -> Path:
 def mismatches(tok_dir: Path, gguf_path: Path) -> list[tuple[str, list[int], list[int]]]:
     import llama_cpp
 
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tokenizer import load_hf_tokenizer
 
     hf = load_hf_tokenizer(tok_dir)
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
@@ -59,7 +59,7 @@ def mismatches(tok_dir: Path, gguf_path: Path) -> list[tuple[str, list[int], lis
 
 
 def save(tok: Any, tok_dir: Path) -> Path:
-    from edge_sdk.ml.tokenizer import save_tokenizer
+    from common.ml.tokenizer import save_tokenizer
 
     save_tokenizer(tok, tok_dir)
     return tok_dir
@@ -134,7 +134,7 @@ def test_sentencepiece_style_bpe_maps_to_llama_cpp_spm(tmp_path: Path) -> None:
 def test_unknown_regex_and_unigram_are_refused(tmp_path: Path) -> None:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tokenizer import load_hf_tokenizer
     from export.errors import UnsupportedModelError
     from export.gguf_tokenizer import vocab_from_tokenizer
 
@@ -155,7 +155,7 @@ def test_unknown_regex_and_unigram_are_refused(tmp_path: Path) -> None:
 
 
 def test_vocab_is_padded_to_the_embedding_rows(tmp_path: Path) -> None:
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer
+    from common.ml.tokenizer import load_hf_tokenizer
     from export.errors import UnsupportedModelError
     from export.gguf_tokenizer import UNUSED, vocab_from_tokenizer
 

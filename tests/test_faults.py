@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from edge_sdk.client import CoordinatorClient, CoordinatorError
-from edge_sdk.protocol import META_NUM_SAMPLES
-from edge_sdk.retry import Backoff
-from edge_sdk.tensorfile import load_arrays, save_arrays
+from common.protocol import META_NUM_SAMPLES
+from common.retry import Backoff
+from common.tensorfile import load_arrays, save_arrays
 from tests.support import CoordinatorProcess, run_spec
 
 

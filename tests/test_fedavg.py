@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cloud.strategies import UpdateFile, weighted_mean
-from edge_sdk.tensorfile import TensorFileError, save_arrays
+from common.tensorfile import TensorFileError, save_arrays
 
 
 def _update(tmp_path: Path, name: str, arrays: dict[str, np.ndarray], n: int) -> UpdateFile:

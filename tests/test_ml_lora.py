@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_sdk.ml.batching import collate, encode_sft, format_prompt, iterate_batches
-from edge_sdk.ml.lora import (
+from common.ml.batching import collate, encode_sft, format_prompt, iterate_batches
+from common.ml.lora import (
     adapter_from_bytes,
     adapter_state,
     adapter_to_bytes,
     attach_lora,
     load_adapter_state,
 )
-from edge_sdk.ml.tiny import build_tiny_model, load_checkpoint, save_checkpoint
-from edge_sdk.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
-from edge_sdk.protocol import LoraSpec
-from edge_sdk.tasks.records import TaskRecord
-from edge_sdk.tasks.synthetic import all_text, make_suite
+from common.ml.tiny import build_tiny_model, load_checkpoint, save_checkpoint
+from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
+from common.protocol import LoraSpec
+from common.records import TaskRecord
+from cotune.demo.synthetic import all_text, make_suite
 
 VOCAB = 512
 

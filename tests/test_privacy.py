@@ -10,7 +10,7 @@ import pytest
 
 from edge_sdk.handlers.lora_sft import privatize_update
 from edge_sdk.privacy import gaussian_epsilon, l2_norm, privatize
-from edge_sdk.protocol import ClientTask, LoraSpec, PrivacySpec, RoundInfo, RoundState, RunState, TrainSpec
+from common.protocol import ClientTask, LoraSpec, PrivacySpec, RoundInfo, RoundState, RunState, TrainSpec
 
 
 def _arrays(scale: float, seed: int = 0) -> dict[str, np.ndarray]:

@@ -15,8 +15,8 @@ from tests.support import build_tiny_world
 
 
 def _tiny_bench_world(root: Path) -> BenchWorld:
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
-    from edge_sdk.tasks.records import TaskRecord, read_jsonl, write_jsonl
+    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.records import TaskRecord, read_jsonl, write_jsonl
 
     world = build_tiny_world(root, num_clients=NUM_CLIENTS)
     tok = root / "tokenizer"
@@ -87,7 +87,7 @@ def test_report_files(results) -> None:
 
 
 def test_unknown_methods_are_refused_before_any_work(tmp_path) -> None:
-    from cotune.cli_bench_quality import bench_quality
+    from cotune.cli.bench_quality import bench_quality
 
     with pytest.raises(ValueError, match="fedprox"):
         run_quality_benchmark(QualityConfig(out_dir=tmp_path, methods=("fedavg", "fedprox")))

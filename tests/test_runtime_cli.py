@@ -21,7 +21,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _app() -> typer.Typer:
-    from cotune.cli_edge_runtime import bench_latency, edge_bench, edge_generate
+    from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
 
     app = typer.Typer()
     app.command("generate")(edge_generate)
@@ -77,7 +77,7 @@ def test_latency_worker_times_our_engine(build: Path) -> None:
     assert figures["runs"] == 2 and figures["generated"] == 6 and figures["decode_tok_s"] > 0
     assert figures["load_s"] > 0 and figures["peak_rss_bytes"] > 0
     from benchmarks.latency import Build
-    from edge_sdk.manifest import BuildManifest
+    from common.manifest import BuildManifest
 
     per_token = weight_bytes_per_token(Build(BuildManifest.read(build), build))
     # The tiny model's untied input embedding is read one row per token, so it is left out.

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk.manifest import BuildManifest
+from common.manifest import BuildManifest
 from tests.test_runtime_onnx import make_tiny_checkpoint
 
 PROMPTS = ["the river lock 3 was", "keeper 5 closed the", "dawn"]
@@ -32,8 +32,8 @@ def _random_adapter(hf_dir: Path, out: Path, scale: float = 0.1) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_sdk.ml.lora import attach_lora
-    from edge_sdk.protocol import LoraSpec
+    from common.ml.lora import attach_lora
+    from common.protocol import LoraSpec
 
     peft_model = attach_lora(AutoModelForCausalLM.from_pretrained(hf_dir), LoraSpec(r=4, alpha=8), seed=0)
     gen = torch.Generator().manual_seed(1)

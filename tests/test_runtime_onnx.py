@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.manifest import BuildManifest
+from common.manifest import BuildManifest
 
 TEXTS = [f"the river lock {i} was opened at dawn and closed at dusk by keeper {i % 7}" for i in range(120)]
 
 
 def make_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
-    from edge_sdk.ml.tiny import build_tiny_model, save_checkpoint
-    from edge_sdk.ml.tokenizer import train_tokenizer
+    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=384)
     model = build_tiny_model("llama", "tiny", vocab_size=tokenizer.get_vocab_size(), seed=seed, max_positions=256)

@@ -144,7 +144,7 @@ def test_router_from_the_command_line(model, coordinator, tmp_path: Path) -> Non
     import typer
     from typer.testing import CliRunner
 
-    from cotune.cli_edge_runtime import edge_generate
+    from cotune.cli.edge_runtime import edge_generate
 
     app = typer.Typer()
     app.command()(edge_generate)

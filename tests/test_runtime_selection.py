@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_sdk.manifest import BuildFile, BuildManifest
-from edge_sdk.protocol import DeviceProfile
-from edge_sdk.runtime.selection import NoSuitableBuildError, choose_build, estimated_memory, rank_builds
+from common.manifest import BuildFile, BuildManifest
+from common.protocol import DeviceProfile
+from common.selection import NoSuitableBuildError, choose_build, estimated_memory, rank_builds
 
 MiB = 1 << 20
 GiB = 1 << 30

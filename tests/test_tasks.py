@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk.tasks.metrics import exact_match, normalize, rouge_l, score
-from edge_sdk.tasks.records import TaskRecord, read_jsonl, write_jsonl
-from edge_sdk.tasks.synthetic import all_text, make_suite, write_suite
+from common.metrics import exact_match, normalize, rouge_l, score
+from common.records import TaskRecord, read_jsonl, write_jsonl
+from cotune.demo.synthetic import all_text, make_suite, write_suite
 
 
 def _key(record: TaskRecord) -> tuple[str | None, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk.tensorfile import (
+from common.tensorfile import (
     TensorFileError,
     check_finite,
     check_schema,

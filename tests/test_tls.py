@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from cotune.quickstart import child_env, cotune_cmd, free_port, write_server_config
+from cotune.demo.quickstart import child_env, cotune_cmd, free_port, write_server_config
 from edge_sdk.client import CoordinatorClient
 from tests.support import run_spec
 

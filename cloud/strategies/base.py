@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel
 
 from cloud.store import BlobStore
-from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec
-from edge_sdk.tensorfile import Schema, check_schema, load_arrays, read_header, schema_of
+from common.protocol import ClientRegistration, ClientTask, LoraSpec, RunSpec
+from common.tensorfile import Schema, check_schema, load_arrays, read_header, schema_of
 
 
 class SpecError(ValueError):
@@ -29,6 +30,16 @@ class SpecError(ValueError):
 class StepResult:
     outputs: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the coordinator can load: base checkpoint + LoRA settings + adapter blob."""
+
+    checkpoint: str
+    lora: LoraSpec
+    seed: int
+    adapter_digest: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,26 @@ class Strategy(ABC):
 
     def aggregate(self, updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:
         return weighted_mean(updates, schema)
+
+    # -- what the coordinator core asks instead of knowing artifact names ---------------------
+
+    def llm_adapter(self, outputs: dict[str, str]) -> ServedModel | None:
+        """The co-tuned LLM that answers /v1/generate, given a round's outputs; None if the
+        method holds no LLM."""
+        return None
+
+    def exportable_model(self, outputs: dict[str, str]) -> ServedModel | None:
+        """The model the coordinator exports to edge builds; None when the method's builds
+        are made on the devices (their SLM never leaves them)."""
+        return None
+
+    def device_metrics_schema(self) -> type[BaseModel]:
+        """The pydantic model a device's update metrics must validate against."""
+        return BaseModel
+
+    def round_metrics(self, device_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """Round-level figures from the devices' (validated) metrics, e.g. the worst epsilon."""
+        return {}
 
     @abstractmethod
     def server_step(

@@ -12,7 +12,7 @@ from its abstract in DESIGN.md §5: structure-agnostic co-tuning through a share
 
 Tokenizers: server-side distillation is token-level, so the LLM and the proxy must share a
 tokenizer. A device SLM with another tokenizer is taken when `params.vocab_alignment` is on
-(the default): its device maps distributions across vocabularies (edge_sdk.ml.vocab_align);
+(the default): its device maps distributions across vocabularies (common.ml.vocab_align);
 with it off, such a device is refused.
 """
 
@@ -30,7 +30,7 @@ from cloud.strategies.base import SpecError, StepResult
 from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
 from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
 from edge_sdk.handlers.coplms import PROXY_PREFIX, CoPlmsDeviceParams
-from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec
+from common.protocol import ClientRegistration, ClientTask, RunSpec
 
 DPM_ADAPTER = f"{PROXY_PREFIX}/adapter.safetensors"
 LLM_ADAPTER = "llm/adapter.safetensors"
@@ -122,20 +122,20 @@ class CoPlms(SlmLoraStrategy):
 
     @cached_property
     def aux_records(self) -> list:
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         return read_jsonl(Path(self.spec.aux_data))
 
     def _fresh_adapter(self, ckpt_dir: str) -> str:
         # Not from the shared holder: another run may have left a trained adapter in it.
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from common.ml.tiny import load_checkpoint
 
         model, _ = load_checkpoint(ckpt_dir)
         return self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora, self.spec.seed))))
 
     def initial_inputs(self) -> dict[str, str]:
-        from edge_sdk.ml.mutual import distill_into
+        from common.ml.mutual import distill_into
 
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), PROXY_PREFIX)
         inputs[LLM_ADAPTER] = self._fresh_adapter(self.spec.llm)
@@ -163,7 +163,7 @@ class CoPlms(SlmLoraStrategy):
         return metrics
 
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
-        from edge_sdk.ml.distill import mutual_distillation
+        from cloud.training.distill import mutual_distillation
 
         proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)
         llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])

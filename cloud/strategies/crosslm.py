@@ -33,8 +33,8 @@ from cloud.strategies.base import SpecError, StepResult
 from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
 from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
 from edge_sdk.handlers.crosslm import SCORE_TENSOR, SELECTED, SYNTHETIC, WEIGHT_TENSOR, CrossLmDeviceParams
-from edge_sdk.protocol import ClientRegistration, ClientTask, RunSpec, TrainSpec
-from edge_sdk.tensorfile import Schema
+from common.protocol import ClientRegistration, ClientTask, RunSpec, TrainSpec
+from common.tensorfile import Schema
 
 LLM_ADAPTER = "llm/adapter.safetensors"
 
@@ -126,7 +126,7 @@ class CrossLm(SlmLoraStrategy):
 
     @cached_property
     def prompt_pool(self) -> dict[str, list]:
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         pool: dict[str, list] = defaultdict(list)
         for record in read_jsonl(Path(self.params.prompt_data or self.spec.aux_data)):
@@ -134,7 +134,7 @@ class CrossLm(SlmLoraStrategy):
         return dict(sorted(pool.items()))
 
     def _samples(self, digest: str) -> list:
-        from edge_sdk.ml.synthetic_set import samples_from_bytes
+        from common.ml.synthetic_set import samples_from_bytes
 
         # update_schema runs on every upload: parse each set once.
         if digest not in self._parsed:
@@ -143,9 +143,9 @@ class CrossLm(SlmLoraStrategy):
 
     def _generate(self, llm: Any, tokenizer: Any, round_number: int) -> tuple[str, dict[str, Any]]:
         """Write the synthetic set devices score in `round_number`; return its digest and stats."""
-        from edge_sdk.ml.sampling import sample_answers
-        from edge_sdk.ml.synthetic_set import Sample, samples_to_bytes
-        from edge_sdk.tasks.records import TaskRecord
+        from cloud.training.sampling import sample_answers
+        from common.ml.synthetic_set import Sample, samples_to_bytes
+        from common.records import TaskRecord
 
         rng = random.Random(f"crosslm:{self.spec.seed}:{round_number}")
         prompts = []
@@ -167,8 +167,8 @@ class CrossLm(SlmLoraStrategy):
     # -- rounds --------------------------------------------------------------------------
 
     def initial_inputs(self) -> dict[str, str]:
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from common.ml.tiny import load_checkpoint
 
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), "slm")
         # A fresh adapter, not the shared holder's: another run may have trained the one in it.
@@ -186,10 +186,10 @@ class CrossLm(SlmLoraStrategy):
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
         import numpy as np
 
-        from edge_sdk.ml.synthetic_set import Sample, samples_to_bytes
-        from edge_sdk.ml.train import train_lora
-        from edge_sdk.ml.weighted import train_lora_weighted
-        from edge_sdk.tensorfile import load_arrays
+        from common.ml.synthetic_set import Sample, samples_to_bytes
+        from common.ml.train import train_lora
+        from cloud.training.weighted import train_lora_weighted
+        from common.tensorfile import load_arrays
 
         p = self.params
         samples = self._samples(inputs[SYNTHETIC])

@@ -8,7 +8,7 @@ from typing import TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from cloud.strategies.base import SpecError
-from edge_sdk.protocol import ClientRegistration, SlmInfo
+from common.protocol import ClientRegistration, SlmInfo
 
 P = TypeVar("P", bound=BaseModel)
 

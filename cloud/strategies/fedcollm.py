@@ -12,7 +12,7 @@ from typing import Any
 from cloud.models import checkpoint_files, tokenizer_digest
 from cloud.strategies.base import SpecError, StepResult
 from cloud.strategies.slm_lora import SLM_ADAPTER, SlmLoraStrategy, _check_jsonl
-from edge_sdk.protocol import RunSpec
+from common.protocol import RunSpec
 
 LLM_ADAPTER = "llm/adapter.safetensors"
 
@@ -50,12 +50,12 @@ class FedCoLLM(SlmLoraStrategy):
 
     @cached_property
     def aux_records(self) -> list:
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         return read_jsonl(Path(self.spec.aux_data))
 
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
-        from edge_sdk.ml.distill import mutual_distillation
+        from cloud.training.distill import mutual_distillation
 
         seed = self.round_seed(round_number)
         slm, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)

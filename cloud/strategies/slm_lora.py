@@ -8,7 +8,7 @@ from typing import Any
 
 from cloud.models import ModelHolder, checkpoint_files, publish_checkpoint
 from cloud.strategies.base import SpecError, Strategy
-from edge_sdk.protocol import ClientTask, RunSpec
+from common.protocol import ClientTask, RunSpec
 
 SLM_ADAPTER = "slm/adapter.safetensors"
 
@@ -18,7 +18,7 @@ def _check_jsonl(path: str | None, what: str, required: bool) -> None:
         if required:
             raise SpecError(f"{what} is required for this algorithm; set it to a JSONL file")
         return
-    from edge_sdk.tasks.records import read_jsonl
+    from common.records import read_jsonl
 
     try:
         read_jsonl(Path(path))
@@ -54,8 +54,8 @@ class SlmLoraStrategy(Strategy):
     def fresh_adapter(self, ckpt_dir: str) -> str:
         """The seeded, untrained adapter a run starts from. Built on a fresh copy of the model:
         the held one carries whatever adapter another run on this checkpoint trained last."""
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
+        from common.ml.tiny import load_checkpoint
 
         model, _tok = load_checkpoint(Path(ckpt_dir))
         return self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora, self.spec.seed))))
@@ -64,14 +64,14 @@ class SlmLoraStrategy(Strategy):
     def eval_records(self) -> list:
         if self.spec.eval_data is None:
             return []
-        from edge_sdk.tasks.records import read_jsonl
+        from common.records import read_jsonl
 
         return read_jsonl(Path(self.spec.eval_data))
 
     def evaluate(self, ckpt_dir: str, adapter_digest: str) -> dict[str, Any]:
         if not self.eval_records:
             return {}
-        from edge_sdk.ml.evaluate import evaluate
+        from common.ml.evaluate import evaluate
 
         model, tok = self.holder.with_adapter(ckpt_dir, self.spec.lora, self.spec.seed, adapter_digest)
         return evaluate(model, tok, self.eval_records, max_new_tokens=self.spec.eval_max_new_tokens)

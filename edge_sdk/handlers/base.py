@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_sdk.protocol import ArtifactRef, RoundInfo
+from common.protocol import ArtifactRef, RoundInfo
 
 
 class Fetcher(Protocol):

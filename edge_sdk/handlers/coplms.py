@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload
 from edge_sdk.handlers.lora_sft import LoraSftHandler, privatize_update
 from edge_sdk.handlers.own_slm import OwnSlm
-from edge_sdk.protocol import RoundInfo
+from common.protocol import RoundInfo
 
 PROXY_PREFIX = "dpm"
 
@@ -54,11 +54,11 @@ class CoPlmsHandler(LoraSftHandler):
         return model, tokenizer
 
     def run(self, info: RoundInfo) -> UpdatePayload:
-        from edge_sdk.ml.evaluate import evaluate
-        from edge_sdk.ml.lora import adapter_state
-        from edge_sdk.ml.mutual import mutual_learning
-        from edge_sdk.ml.train import train_lora
-        from edge_sdk.protocol import DistillSpec
+        from common.ml.evaluate import evaluate
+        from common.ml.lora import adapter_state
+        from common.ml.mutual import mutual_learning
+        from common.ml.train import train_lora
+        from common.protocol import DistillSpec
 
         params = CoPlmsDeviceParams.model_validate(info.task.params)
         train, seed, records = info.task.train, info.task.seed, self.ctx.records

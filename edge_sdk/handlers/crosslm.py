@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
 from edge_sdk.handlers.own_slm import OwnSlm
-from edge_sdk.protocol import RoundInfo
-from edge_sdk.tasks.records import TaskRecord
+from common.protocol import RoundInfo
+from common.records import TaskRecord
 
 SYNTHETIC = "crosslm/synthetic.jsonl"
 SELECTED = "crosslm/selected.jsonl"
@@ -63,7 +63,7 @@ class CrossLmHandler(TaskHandler):
         return self.own.load(info.model_copy(update={"round": info.round + 1}))
 
     def _samples(self, info: RoundInfo, name: str) -> list[TaskRecord]:
-        from edge_sdk.ml.synthetic_set import samples_from_bytes
+        from common.ml.synthetic_set import samples_from_bytes
 
         if not any(r.name == name for r in info.artifacts):
             return []
@@ -72,9 +72,9 @@ class CrossLmHandler(TaskHandler):
     def run(self, info: RoundInfo) -> UpdatePayload:
         import numpy as np
 
-        from edge_sdk.ml.evaluate import evaluate
-        from edge_sdk.ml.scoring import plausibility
-        from edge_sdk.ml.train import train_lora
+        from common.ml.evaluate import evaluate
+        from common.ml.scoring import plausibility
+        from common.ml.train import train_lora
 
         params = CrossLmDeviceParams.model_validate(info.task.params)
         train, records = info.task.train, list(self.ctx.records)

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from edge_sdk.protocol import SlmInfo
-from edge_sdk.tensorfile import read_header
+from common.protocol import SlmInfo
+from common.tensorfile import read_header
 
 
 def describe_local_slm(ckpt_dir: Path) -> SlmInfo:

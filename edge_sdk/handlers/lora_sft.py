@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
-from edge_sdk.protocol import RoundInfo
+from common.protocol import RoundInfo
 
 ADAPTER_NAME = "slm/adapter.safetensors"
 
@@ -47,8 +47,8 @@ class LoraSftHandler(TaskHandler):
 
     def load(self, info: RoundInfo) -> tuple[Any, Any]:
         """The SLM with the round's adapter; the base is fetched and loaded once, then kept."""
-        from edge_sdk.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
+        from common.ml.tiny import load_checkpoint
 
         adapter_name = f"{self.prefix}/adapter.safetensors"
         base_refs = [r for r in info.artifacts if r.name.startswith(self.prefix + "/") and r.name != adapter_name]
@@ -63,9 +63,9 @@ class LoraSftHandler(TaskHandler):
         return self._model
 
     def run(self, info: RoundInfo) -> UpdatePayload:
-        from edge_sdk.ml.evaluate import evaluate
-        from edge_sdk.ml.lora import adapter_state
-        from edge_sdk.ml.train import train_lora
+        from common.ml.evaluate import evaluate
+        from common.ml.lora import adapter_state
+        from common.ml.train import train_lora
 
         self.ctx.say(f"round {info.round}/{info.rounds_total}: training on {len(self.ctx.records)} local records")
         model, tokenizer = self.load(info)

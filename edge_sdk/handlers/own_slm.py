@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.handlers.base import DeviceContext, FinalArtifacts
-from edge_sdk.protocol import RoundInfo
+from common.protocol import RoundInfo
 
 _ADAPTER = re.compile(r"^adapter-r(\d+)\.safetensors$")
 
@@ -53,8 +53,8 @@ class OwnSlm:
 
     def load(self, info: RoundInfo) -> tuple[Any, Any]:
         """The SLM with the adapter it had at the end of the last round before this one."""
-        from edge_sdk.ml.lora import adapter_from_bytes, adapter_state, attach_lora, load_adapter_state
-        from edge_sdk.ml.tiny import load_checkpoint
+        from common.ml.lora import adapter_from_bytes, adapter_state, attach_lora, load_adapter_state
+        from common.ml.tiny import load_checkpoint
 
         base = self.base_dir(info)
         key = (str(base.resolve()), info.task.lora.model_dump_json())
@@ -73,7 +73,7 @@ class OwnSlm:
 
     def save(self, info: RoundInfo) -> Path:
         """Keep the adapter as this round's; drop all but the two latest."""
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes
+        from common.ml.lora import adapter_state, adapter_to_bytes
 
         assert self._model is not None, "load() first"
         folder = self._dir(info)
@@ -88,7 +88,7 @@ class OwnSlm:
 
     def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:
         """Lay out out_dir/slm: the base checkpoint's files and the latest private adapter."""
-        from edge_sdk.ml.lora import adapter_state, adapter_to_bytes
+        from common.ml.lora import adapter_state, adapter_to_bytes
 
         saved = self._saved(info)
         if saved:

@@ -20,7 +20,7 @@ from edge_sdk.runtime.generation import GenerationStream
 from edge_sdk.runtime.loader import EdgeModel, check_files, read_build
 from edge_sdk.runtime.router import CollaborativeRouter, RoutedAnswer
 from edge_sdk.runtime.sampling import SamplingParams
-from edge_sdk.runtime.selection import NoSuitableBuildError, choose_build, rank_builds
+from common.selection import NoSuitableBuildError, choose_build, rank_builds
 
 __all__ = [
     "AdapterError",

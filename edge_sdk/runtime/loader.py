@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_sdk.manifest import MANIFEST_NAME, BuildManifest, file_digest
+from common.manifest import MANIFEST_NAME, BuildManifest, file_digest
 from edge_sdk.runtime.base import (
     AdapterError,
     Backend,

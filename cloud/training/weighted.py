@@ -10,12 +10,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
-from edge_sdk.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress
+from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress
 
 if TYPE_CHECKING:
-    from edge_sdk.protocol import TrainSpec
-    from edge_sdk.tasks.records import TaskRecord
+    from common.protocol import TrainSpec
+    from common.records import TaskRecord
 
 
 def train_lora_weighted(

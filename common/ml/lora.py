@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from edge_sdk.protocol import LoraSpec
+    from common.protocol import LoraSpec
 
 # GPT-2 fuses q/k/v into one `c_attn` (a Conv1D) and names its output projection
 # `attn.c_proj` (the MLP has another `c_proj`, hence the `attn.` prefix).
@@ -164,7 +164,7 @@ def adapter_to_bytes(
     The bytes are a pure function of the input (see `tensorfile.save_arrays`), so the
     sha256 that makes uploads idempotent is stable.
     """
-    from edge_sdk.tensorfile import save_arrays
+    from common.tensorfile import save_arrays
 
     arrays = {}
     for name, tensor in tensors.items():

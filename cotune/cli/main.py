@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cotune.cli_bench_quality import bench_quality
-from cotune.cli_edge_runtime import bench_latency, edge_bench, edge_generate
-from cotune.cli_export import export_command
+from cotune.cli.bench_quality import bench_quality
+from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
+from cotune.cli.export import export_command
 
 app = typer.Typer(
     name="cotune",
@@ -158,7 +158,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed for data and models")] = 0,
 ) -> None:
     """The quickstart: a coordinator and N devices as separate processes, on tiny models."""
-    from cotune.quickstart import run_quickstart
+    from cotune.demo.quickstart import run_quickstart
 
     run_quickstart(workdir=workdir, num_clients=clients, rounds=rounds, algorithm=algorithm, seed=seed)
 
@@ -173,10 +173,10 @@ def status(
     """Show runs and their per-round scores and bytes moved, as the admin sees them."""
     import json
 
-    from cotune.quickstart import run_table
+    from cotune.demo.quickstart import run_table
     from edge_sdk.client import CoordinatorClient
-    from edge_sdk.protocol import RunStatus
-    from edge_sdk.retry import Backoff
+    from common.protocol import RunStatus
+    from common.retry import Backoff
 
     with CoordinatorClient(coordinator, token=admin_token or None, backoff=Backoff(max_tries=2)) as client:
         runs = [RunStatus.model_validate(r) for r in client._call("GET", "/v1/runs")]

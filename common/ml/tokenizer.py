@@ -91,7 +91,7 @@ def load_hf_tokenizer(dir: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     path = Path(dir)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(
-            f"{path}: no tokenizer.json; save one with edge_sdk.ml.tokenizer.save_tokenizer "
+            f"{path}: no tokenizer.json; save one with common.ml.tokenizer.save_tokenizer "
             "or pass the directory of an HF checkpoint that includes its tokenizer."
         )
     hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)

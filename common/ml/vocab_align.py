@@ -23,12 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from edge_sdk.ml.batching import _special_ids, format_prompt
+from common.ml.batching import _special_ids, format_prompt
 
 if TYPE_CHECKING:
     import torch
 
-    from edge_sdk.tasks.records import TaskRecord
+    from common.records import TaskRecord
 
 # Logit for ids the mapped teacher gives no mass: exp() of it is 0 without making NaNs.
 _NEG = -1.0e4

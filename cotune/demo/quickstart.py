@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from edge_sdk.protocol import RunStatus
+from common.protocol import RunStatus
 
 
 @dataclass
@@ -49,7 +49,7 @@ def child_env(threads: int = 1) -> dict[str, str]:
 
 
 def cotune_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cotune.cli", *args]
+    return [sys.executable, "-m", "cotune.cli.main", *args]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -115,7 +115,7 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
                    seed: int = 0, min_clients: int | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from cotune.demo_world import prepare_world
+    from cotune.demo.world import prepare_world
 
     started = time.monotonic()
     workdir = Path(workdir).resolve()
@@ -196,9 +196,9 @@ def _answer_locally(final: dict[str, Any], test_file: Path, n: int = 3) -> dict[
     if not final.get("build_dir"):
         print("device 0 pulled no edge build; skipping the local answers")
         return None
-    from edge_sdk.ml.batching import format_prompt
+    from common.ml.batching import format_prompt
     from edge_sdk.runtime import EdgeModel
-    from edge_sdk.tasks.records import read_jsonl
+    from common.records import read_jsonl
 
     model = EdgeModel.load(final["build_dir"])
     name = Path(final["build_dir"]).name

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_hf_tokenizer, save_tokenizer
+from common.ml.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_hf_tokenizer, save_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-    from edge_sdk.tasks.records import TaskRecord
+    from common.records import TaskRecord
 
 ARCHS = ("llama", "qwen2", "gpt2")
 # hidden, layers, heads, intermediate (about 8/3 x hidden for gated MLPs, rounded to 16).
@@ -93,7 +93,7 @@ def save_checkpoint(
     if hasattr(model, "peft_config"):
         raise ValueError(
             "save_checkpoint takes a base model; merge the adapter first "
-            "(peft_model.merge_and_unload()) or save the adapter with edge_sdk.ml.lora."
+            "(peft_model.merge_and_unload()) or save the adapter with common.ml.lora."
         )
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def pretrain(
     Same format and response-only loss as LoRA training. Returns {"steps", "loss_first",
     "loss_last", "loss_mean", "num_samples", "seconds"}; leaves the model in eval mode.
     """
-    from edge_sdk.ml.train import _run_sft
+    from common.ml.train import _run_sft
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -251,7 +251,7 @@ class BuildInfo(BaseModel):
 
     name: str = Field(description="e.g. gguf-q8_0, onnx-int8")
     round: int
-    manifest: dict[str, Any] = Field(description="the build's manifest.json (edge_sdk.manifest.BuildManifest)")
+    manifest: dict[str, Any] = Field(description="the build's manifest.json (common.manifest.BuildManifest)")
     files: list[ArtifactRef]
 
 
@@ -259,6 +259,15 @@ class BuildList(BaseModel):
     best: BuildInfo | None = Field(None, description="the build that fits the given device profile best")
     reason: str | None = Field(None, description="why no build fits, when none does")
     builds: list[BuildInfo]
+
+
+class DeviceBuildReport(_Strict):
+    """A build a device made of its own SLM (methods whose device SLM never leaves the device:
+    Co-PLMs, CrossLM). Only the manifest travels: names, sizes, digests and parity figures."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="e.g. gguf-q8_0")
+    manifest: dict[str, Any] = Field(description="the build's manifest.json (common.manifest.BuildManifest)")
 
 
 class BuildRequest(_Strict):

@@ -4,7 +4,7 @@ distillation (a frozen teacher) and mutual learning (each side teaches the other
 Co-PLMs uses both: the server distils the LLM into the shared proxy model (DPM), and each
 device runs mutual learning between its own SLM and its copy of the proxy. Only output
 distributions meet, so the two models may differ in depth, width and family (llama, gpt2,
-qwen2, ...). When their tokenizers differ, `edge_sdk.ml.vocab_align.VocabAlignment`
+qwen2, ...). When their tokenizers differ, `common.ml.vocab_align.VocabAlignment`
 carries the teacher's distributions onto the student's positions and vocabulary.
 """
 
@@ -14,13 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
-from edge_sdk.ml.distill import kd_loss
-from edge_sdk.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
+from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.kd import kd_loss
+from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
 
 if TYPE_CHECKING:
-    from edge_sdk.protocol import DistillSpec
-    from edge_sdk.tasks.records import TaskRecord
+    from common.protocol import DistillSpec
+    from common.records import TaskRecord
 
 
 class _Side:
@@ -66,8 +66,8 @@ def _sides(
 
 def _alignment(student: _Side, teacher: _Side, top_k: int | None, token_map: str) -> Any:
     """None when both sides share a tokenizer (positions and ids line up as they are)."""
-    from edge_sdk.ml.distill import _vocab_size
-    from edge_sdk.ml.vocab_align import VocabAlignment, same_vocabulary
+    from common.ml.kd import _vocab_size
+    from common.ml.vocab_align import VocabAlignment, same_vocabulary
 
     if same_vocabulary(student.tokenizer, teacher.tokenizer):
         return None
@@ -185,7 +185,7 @@ def distill_into(
     """Train the student's LoRA on CE(response) + lambda_kd * KD(teacher -> student).
 
     The teacher never changes. Report keys are prefixed "student_". `token_map` picks how
-    teacher ids become student ids when the tokenizers differ (edge_sdk.ml.vocab_align).
+    teacher ids become student ids when the tokenizers differ (common.ml.vocab_align).
     """
     sides, kept = _sides([("student", student, student_tokenizer), ("teacher", teacher, teacher_tokenizer)],
                          records, max_len)

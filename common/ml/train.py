@@ -1,5 +1,5 @@
 """Supervised fine-tuning loops: LoRA SFT on a device's records (and the shared loop that
-full-parameter pretraining in `edge_sdk.ml.tiny` reuses)."""
+full-parameter pretraining in `common.ml.tiny` reuses)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import (
+from common.ml.batching import (
     IGNORE_INDEX,
     _num_batches,
     _special_ids,
@@ -20,8 +20,8 @@ from edge_sdk.ml.batching import (
 if TYPE_CHECKING:
     import torch
 
-    from edge_sdk.protocol import TrainSpec
-    from edge_sdk.tasks.records import TaskRecord
+    from common.protocol import TrainSpec
+    from common.records import TaskRecord
 
 # progress(step, total_steps, loss) when a callable is given instead of a bool.
 ProgressFn = Callable[[int, int, float], None]
@@ -158,7 +158,7 @@ def _lora_only(model: Any) -> list[Any]:
             trainable.append(param)
     if not trainable:
         raise ValueError(
-            "the model has no LoRA parameters; call edge_sdk.ml.lora.attach_lora first"
+            "the model has no LoRA parameters; call common.ml.lora.attach_lora first"
         )
     return trainable
 

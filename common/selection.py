@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_sdk.manifest import BuildManifest
-from edge_sdk.protocol import DeviceProfile
-from edge_sdk.runtime.base import EdgeRuntimeError
+from common.manifest import BuildManifest
+from common.protocol import DeviceProfile
+from common.errors import EdgeRuntimeError
 
 Preference = Literal["balanced", "speed", "quality"]
 

@@ -10,10 +10,10 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import IGNORE_INDEX, _encode_text, _prompt_ids, _special_ids, collate
+from common.ml.batching import IGNORE_INDEX, _encode_text, _prompt_ids, _special_ids, collate
 
 if TYPE_CHECKING:
-    from edge_sdk.tasks.records import TaskRecord
+    from common.records import TaskRecord
 
 
 def _encode(tokenizer: Any, record: TaskRecord, max_len: int, eos: int) -> dict[str, list[int]] | None:

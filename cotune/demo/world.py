@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.tasks.synthetic import SyntheticSuite, all_text, make_suite, write_suite
+from cotune.demo.synthetic import SyntheticSuite, all_text, make_suite, write_suite
 
 # Bump when anything below changes what the pretrained checkpoints would be.
 CODE_VERSION = "demo-world-1"
@@ -91,9 +91,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _build_models(suite: SyntheticSuite, root: Path, seed: int, progress: bool) -> dict[str, Any]:
     """Train the tokenizer, pretrain both models, save all three under `root`."""
-    from edge_sdk.ml.evaluate import evaluate
-    from edge_sdk.ml.tiny import build_tiny_model, pretrain, save_checkpoint
-    from edge_sdk.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
+    from common.ml.evaluate import evaluate
+    from common.ml.tiny import build_tiny_model, pretrain, save_checkpoint
+    from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
 
     tok_dir = save_tokenizer(train_tokenizer(all_text(suite), VOCAB_SIZE), root / "tokenizer")
     tokenizer = load_hf_tokenizer(tok_dir)

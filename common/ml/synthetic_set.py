@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge_sdk.tasks.records import TaskRecord
+from common.records import TaskRecord
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edge_sdk.ml.batching import _prompt_ids, _special_ids
-from edge_sdk.ml.evaluate import generate_greedy
+from common.ml.batching import _prompt_ids, _special_ids
+from common.ml.evaluate import generate_greedy
 
 
 def sample_answers(

@@ -40,7 +40,7 @@ def _lora_spec(adapter: Path | None, r: int | None, alpha: float | None, targets
     """LoRA settings for a cotune adapter file that has no adapter_info.json beside it."""
     if adapter is None or adapter.is_dir() or alpha is None:
         return None
-    from edge_sdk.protocol import LoraSpec
+    from common.protocol import LoraSpec
     from export.inputs import safetensors_header
 
     header = safetensors_header(adapter, str(adapter)) if adapter.is_file() else {}

@@ -1,4 +1,4 @@
-"""Knowledge distillation: the KD loss and FedCoLLM's server-side mutual distillation
+"""Knowledge distillation: FedCoLLM's server-side mutual distillation
 between the LLM and the aggregated SLM (DESIGN.md §5).
 """
 
@@ -8,75 +8,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
-from edge_sdk.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
+from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.kd import _vocab_size, kd_loss
+from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
 
 if TYPE_CHECKING:
     import torch
 
-    from edge_sdk.protocol import DistillSpec
-    from edge_sdk.tasks.records import TaskRecord
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor | None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> torch.Tensor:
-    """T^2 * mean over masked positions of KL(softmax(teacher/T) || softmax(student/T)).
-
-    Logits are (..., vocab) and `mask` has the leading shape (True/1 = counted; None =
-    every position). The teacher is detached here, so no gradient ever reaches it.
-
-    With `top_k`, the teacher keeps its k largest logits, renormalised over those k
-    (p_k), and the loss is sum_k p_k * (log p_k - log q_k) where log q_k are the
-    student's log-probabilities at those ids from its *full* softmax. We do not
-    renormalise the student over the k ids: that would leave the student free to put
-    mass outside the teacher's top-k. The value is still >= 0, and 0 exactly when the
-    student matches p_k on those ids (and so has no mass elsewhere).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; the models must share a vocabulary"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    t = teacher_logits.detach().float() / temperature
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    vocab = t.size(-1)
-    if top_k is None or top_k >= vocab:
-        log_p = F.log_softmax(t, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    else:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        values, index = t.topk(top_k, dim=-1)
-        log_p = F.log_softmax(values, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum(dim=-1)
-    if mask is None:
-        weights = torch.ones_like(kl)
-    else:
-        if tuple(mask.shape) != tuple(kl.shape):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != logits shape {tuple(kl.shape)}")
-        weights = mask.to(kl.dtype)
-    count = weights.sum()
-    if count.item() == 0:
-        # Nothing to distil in this batch: a zero that keeps the graph connected.
-        return log_q.sum() * 0.0
-    return (kl * weights).sum() / count * (temperature**2)
-
-
-def _vocab_size(model: Any) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+    from common.protocol import DistillSpec
+    from common.records import TaskRecord
 
 
 def mutual_distillation(

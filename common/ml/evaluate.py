@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_sdk.ml.batching import _prompt_ids, _special_ids
+from common.ml.batching import _prompt_ids, _special_ids
 
 if TYPE_CHECKING:
-    from edge_sdk.tasks.records import TaskRecord
+    from common.records import TaskRecord
 
 
 def generate_greedy(
@@ -70,9 +70,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy-decode every record's prompt and score it against its response.
 
-    Returns edge_sdk.tasks.metrics.score's dict: {"rougeL", "em", "n", "per_domain"}.
+    Returns common.metrics.score's dict: {"rougeL", "em", "n", "per_domain"}.
     """
-    from edge_sdk.tasks.metrics import score
+    from common.metrics import score
 
     preds = generate_greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens)
     return score(preds, [r.response for r in records], [r.domain for r in records])

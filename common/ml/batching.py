@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from edge_sdk.tasks.records import TaskRecord
+    from common.records import TaskRecord
 
 IGNORE_INDEX = -100
 

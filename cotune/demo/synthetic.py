@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_sdk.tasks.records import TaskRecord, write_jsonl
+from common.records import TaskRecord, write_jsonl
 
 DOMAINS: tuple[str, ...] = ("velish", "orkan", "miri", "tesh")
 

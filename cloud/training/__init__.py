@@ -1,0 +1,1 @@
+"""Training that only the server runs: server-side distillation, weighted SFT, sampling."""

@@ -1,0 +1,1 @@
+"""The `cotune` command line. Imported by nothing but its own entry point and tests."""

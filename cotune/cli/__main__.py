@@ -1,0 +1,3 @@
+from cotune.cli.main import main
+
+main()

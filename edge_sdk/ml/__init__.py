@@ -1,1 +1,0 @@
-"""Model-side helpers (torch, transformers, peft), imported lazily by their callers."""

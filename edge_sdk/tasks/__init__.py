@@ -1,1 +1,0 @@
-"""Task records, the synthetic multi-domain task generator and the scoring metrics."""
