@@ -24,9 +24,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
+from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES
 from common.tensorfile import load_arrays, save_arrays
+from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
 
 OPS = ("register", "poll", "download", "upload")
 
@@ -69,8 +70,9 @@ class RssWatch:
 
 def build_model(root: Path) -> Path:
     """A small llama-shaped SLM with our own tokenizer; LoRA r=128 on q/k/v/o makes 1 MiB adapters."""
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.tokenizer import save_tokenizer, train_tokenizer
+    from cotune.demo.tiny import build_tiny_model
 
     tok = root / "tokenizer"
     save_tokenizer(train_tokenizer([f"device {i} talks to the coordinator" for i in range(200)], 384), tok)
@@ -96,7 +98,7 @@ async def device(k: int, url: str, enroll: str, base: dict[str, np.ndarray], gat
         auth = {"Authorization": f"Bearer {creds['token']}"}
         info = (await timed("poll", client.get(f"{url}/v1/runs/{creds['run_id']}/rounds/current",
                                                 headers=auth))).json()
-        ref = next(a for a in info["artifacts"] if a["name"] == "slm/adapter.safetensors")
+        ref = next(a for a in info["artifacts"] if a["name"] == SLM_ADAPTER)
         await timed("download", client.get(f"{url}/v1/artifacts/{ref['sha256']}", headers=auth))
         rng = np.random.default_rng(k)
         body = save_arrays({n: a + rng.standard_normal(a.shape, dtype=np.float32) * 0.01 for n, a in base.items()},
@@ -118,7 +120,7 @@ async def drive(n: int, url: str, enroll: str, admin: str, watch: RssWatch, conc
         token = first.json()["token"]
         info = (await client.get(f"{url}/v1/runs/{run_id}/rounds/current",
                                  headers={"Authorization": f"Bearer {token}"})).json()
-        ref = next(a for a in info["artifacts"] if a["name"] == "slm/adapter.safetensors")
+        ref = next(a for a in info["artifacts"] if a["name"] == SLM_ADAPTER)
         raw = (await client.get(f"{url}/v1/artifacts/{ref['sha256']}",
                                 headers={"Authorization": f"Bearer {token}"})).content
         with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:

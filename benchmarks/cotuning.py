@@ -2,7 +2,7 @@
 models and local budget, for several seeds; Rouge-L / EM of the device SLMs and of the LLM
 per round, bytes moved, wall time. Writes JSON, a markdown table and a PNG.
 
-Methods (DESIGN.md §5):
+Methods (ARCHITECTURE.md, "Algorithms"):
 - zero-shot: the models as they arrive (the demo world's pretrained LLM and weak SLMs);
 - standalone / standalone-het: each device LoRA-tunes its SLM on its own data only
   (the shared llama SLM / each device's own architecture);
@@ -10,7 +10,7 @@ Methods (DESIGN.md §5):
   the `lora_sft` device handler;
 - co-plms, crosslm: heterogeneous devices (llama / gpt2 / qwen2 SLMs), through the
   strategies and the `coplms` / `crosslm` device handlers; both reconstructed from their
-  papers' abstracts (DESIGN.md §5);
+  papers' abstracts (ARCHITECTURE.md, "Algorithms");
 - centralized: the LLM LoRA-tuned on the pooled client data (the upper reference), and
   the shared SLM likewise.
 
@@ -27,7 +27,6 @@ own domain mix). LLM scores: the global test split.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cotuning_world import HET, NUM_CLIENTS, BenchWorld, build_bench_world
+from common.cache import cache_root
 
 METHODS = ("zero-shot", "standalone", "standalone-het", "fedavg", "fedcollm", "co-plms", "crosslm", "centralized")
 STRATEGY_METHODS = {"fedavg", "fedcollm", "co-plms", "crosslm"}
@@ -130,7 +130,7 @@ def _round_seed(seed: int, number: int) -> int:
 
 
 def zero_shot(world: BenchWorld, ev: Evaluator) -> dict[str, Any]:
-    from common.ml.tiny import load_checkpoint
+    from common.ml.checkpoint import load_checkpoint
 
     shared = ev.slms([load_checkpoint(world.slm_dir)])
     het = ev.slms([load_checkpoint(d) for d in world.het_slms])
@@ -138,8 +138,8 @@ def zero_shot(world: BenchWorld, ev: Evaluator) -> dict[str, Any]:
 
 
 def run_standalone(world: BenchWorld, ev: Evaluator, seed: int, rounds: int, het: bool) -> list[dict[str, Any]]:
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import attach_lora
-    from common.ml.tiny import load_checkpoint
     from common.ml.train import train_lora
 
     data = _records(world)
@@ -157,8 +157,8 @@ def run_standalone(world: BenchWorld, ev: Evaluator, seed: int, rounds: int, het
 
 
 def run_centralized(world: BenchWorld, ev: Evaluator, seed: int, rounds: int) -> list[dict[str, Any]]:
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import attach_lora
-    from common.ml.tiny import load_checkpoint
     from common.ml.train import train_lora
 
     pooled = [r for records in _records(world) for r in records]
@@ -196,8 +196,7 @@ def _spec(method: str, world: BenchWorld, seed: int, rounds: int, cfg: QualityCo
 
 def _selection_quality(store: Any, outputs: dict[str, str], truth: dict[str, str]) -> dict[str, Any]:
     """CrossLM only: how many selected / synthetic answers are exactly right (benchmark oracle)."""
-    from edge_sdk.handlers.crosslm import SELECTED
-    from common.ml.synthetic_set import samples_from_bytes
+    from common.methods.crosslm import SELECTED, samples_from_bytes
     from common.metrics import exact_match
 
     if SELECTED not in outputs:
@@ -211,7 +210,8 @@ def run_strategy(method: str, world: BenchWorld, ev: Evaluator, seed: int, round
                  work: Path) -> list[dict[str, Any]]:
     from benchmarks.inprocess import Device, RoundRecord, run_inprocess
     from cloud.store import BlobStore
-    from cloud.strategies import strategy_class
+    from cloud.strategies import ServedModel, strategy_class
+    from common.methods import coplms
 
     spec = _spec(method, world, seed, rounds, cfg)
     cls = strategy_class(method)
@@ -223,20 +223,21 @@ def run_strategy(method: str, world: BenchWorld, ev: Evaluator, seed: int, round
                       local_slm=world.het_slms[k] if het else None) for k in range(NUM_CLIENTS)]
     out: list[dict[str, Any]] = []
 
+    def held(model: ServedModel) -> tuple[Any, Any]:
+        return strategy.holder.with_adapter(model.checkpoint, model.lora, model.seed, model.adapter_digest)
+
     def after_round(record: RoundRecord, devs: Sequence[Device]) -> None:
         outputs = record.outputs
         extra: dict[str, Any] = {}
-        if het:
+        shared = strategy.exportable_model(outputs)
+        if het or shared is None:
             slm = ev.slms([d.handler.device_model(record.info) for d in devs])  # type: ignore[union-attr]
         else:
-            slm = ev.slms([strategy.holder.with_adapter(spec.slm, spec.lora, spec.seed,
-                                                        outputs["slm/adapter.safetensors"])])
-        llm = None
-        if "llm/adapter.safetensors" in outputs:
-            llm = ev.llm(*strategy.holder.with_adapter(spec.llm, spec.lora, spec.seed,
-                                                       outputs["llm/adapter.safetensors"]))
+            slm = ev.slms([held(shared)])
+        served = strategy.llm_adapter(outputs)
+        llm = ev.llm(*held(served)) if served is not None else None
         if method == "co-plms":
-            proxy = strategy.holder.with_adapter(spec.slm, spec.lora, spec.seed, outputs["dpm/adapter.safetensors"])
+            proxy = held(ServedModel(spec.slm, spec.lora, spec.seed, outputs[coplms.DPM_ADAPTER]))
             extra["dpm"] = {k: v for k, v in ev.llm(*proxy).items() if k in ("rougeL", "em")}
         if method == "crosslm":
             stats = record.metrics.get("crosslm", {})
@@ -307,7 +308,7 @@ def run_quality_benchmark(cfg: QualityConfig, world: BenchWorld | None = None) -
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = max(1, round(cfg.rounds * cfg.scale)) if cfg.scale > 1 else cfg.rounds
-    cache = cfg.cache_dir or Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
+    cache = cfg.cache_dir or cache_root()
     say = print if cfg.progress else (lambda *_a, **_k: None)
     if world is None:
         say(f"preparing the benchmark world in {out_dir} (models cached in {cache})")

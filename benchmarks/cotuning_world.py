@@ -47,9 +47,10 @@ class BenchWorld:
 
 
 def _het_slm(arch: str, size: str, seed: int, world: Any, public: list[TaskRecord], out: Path) -> Path:
-    from cotune.demo.world import MAX_LEN, SLM, VOCAB_SIZE
-    from common.ml.tiny import build_tiny_model, pretrain, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.tokenizer import load_hf_tokenizer
+    from cotune.demo.tiny import build_tiny_model, pretrain
+    from cotune.demo.world import MAX_LEN, SLM, VOCAB_SIZE
 
     model = build_tiny_model(arch, size, VOCAB_SIZE, seed=seed)
     pretrain(model, load_hf_tokenizer(world.tokenizer_dir), public, steps=SLM["steps"], lr=SLM["lr"],
@@ -59,8 +60,8 @@ def _het_slm(arch: str, size: str, seed: int, world: Any, public: list[TaskRecor
 
 def build_bench_world(out_dir: Path, seed: int = 0, scale: float = 1.0, cache_dir: Path | None = None,
                       progress: bool = False) -> BenchWorld:
-    from cotune.demo.world import SLM, prepare_world
     from cotune.demo.synthetic import make_suite
+    from cotune.demo.world import SLM, prepare_world
 
     out_dir = Path(out_dir)
     world = prepare_world(out_dir / "demo", num_clients=NUM_CLIENTS, seed=seed, cache_dir=cache_dir,

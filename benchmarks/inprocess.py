@@ -1,16 +1,18 @@
-"""Drive a strategy's rounds and its devices' task handlers in one process, without HTTP.
+"""Run a strategy's rounds with its devices' task handlers in one process, without HTTP.
 
-The quality benchmark uses this to run many methods x seeds quickly on the same code the
-coordinator and the devices run: the strategy's initial_inputs / update_schema / aggregate /
-server_step, the registered device handler, the worker's artifact cache and the safetensors
-update bodies. What it leaves out is the REST transport and the round state machine (the
-tests cover those). Bytes are counted as a device would move them: a download is an
-artifact the device's cache did not hold yet, an upload is the update body.
+The quality benchmark uses this to run many methods x seeds quickly on the very code a
+deployment runs: the coordinator's services create the run and enroll the devices, each
+device's handler works on the RoundInfo the coordinator hands out, its update is encoded as
+the worker encodes it and accepted through the updates service (every upload check
+included), and `RoundDriver.tick()` moves each round through the round state machine
+(ARCHITECTURE.md, "Round state machine") over the in-memory SQL state (ARCHITECTURE.md,
+"State interface"). Only the REST transport is left out. Bytes are the coordinator's own
+per-round transfer figures: a download is an artifact the device's cache did not hold yet,
+an upload is the update body.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -18,26 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloud.store import BlobStore
-from cloud.strategies import Strategy, UpdateFile
-from edge_sdk.handlers import DeviceContext, TaskHandler, handler_for
-from common.protocol import META_METRICS, META_NUM_SAMPLES, ArtifactRef, RoundInfo, RoundState, RunState
+from cloud.coordinator import Coordinator
+from cloud.rounds import RoundDriver
+from cloud.settings import CoordinatorSettings
+from cloud.state import SqlState
+from cloud.state.records import ClientRecord, Direction, TransferTotal
+from cloud.state.records import RoundRecord as StateRound
+from cloud.state.sql import MEMORY_URL
+from cloud.strategies import Strategy
+from common.protocol import ArtifactRef, ClientRegistration, RoundInfo, RoundState, RunState
 from common.records import TaskRecord
-from common.tensorfile import check_schema, read_header, save_arrays
-from edge_sdk.worker import ArtifactCache
+from edge_sdk.handlers import DeviceContext, TaskHandler, handler_for, task_kinds
+from edge_sdk.worker import ArtifactCache, encode_update
 
 
-class StoreTransport:
-    """Stands in for CoordinatorClient.download: copies blobs out of the store, counting bytes."""
+class CoordinatorTransport:
+    """Stands in for CoordinatorClient.download: the coordinator's access rules and transfer
+    accounting, with the blob copied straight out of its store."""
 
-    def __init__(self, store: BlobStore) -> None:
-        self.store = store
-        self.bytes_down = 0
+    def __init__(self, coordinator: Coordinator, client: ClientRecord) -> None:
+        self.coordinator = coordinator
+        self.client = client
 
     def download(self, ref: ArtifactRef, dest: Path) -> Path:
+        source = self.coordinator.artifacts.for_client(self.client, ref.sha256)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.store.path(ref.sha256), dest)
-        self.bytes_down += ref.size
+        shutil.copyfile(source, dest)
+        self.coordinator.updates.record_transfer(self.client, Direction.down, ref.size)
         return dest
 
 
@@ -48,9 +57,10 @@ class Device:
     state_dir: Path
     local_slm: Path | None = None
     eval_records: list[TaskRecord] = field(default_factory=list)
-    transport: StoreTransport | None = None
+    transport: CoordinatorTransport | None = None
     handler: TaskHandler | None = None
     bytes_up: int = 0
+    client: ClientRecord | None = None
 
 
 @dataclass
@@ -65,13 +75,6 @@ class RoundRecord:
     server_s: float
 
 
-def _info(strategy: Strategy, run_id: str, rounds: int, number: int, inputs: dict[str, str]) -> RoundInfo:
-    refs = [ArtifactRef(name=n, sha256=d, size=strategy.store.size(d))
-            for n, d in sorted(inputs.items()) if strategy.client_visible(n)]
-    return RoundInfo(run_id=run_id, run_state=RunState.running, rounds_total=rounds, round=number,
-                     state=RoundState.collecting, artifacts=refs, task=strategy.client_task(number), submitted=False)
-
-
 def run_inprocess(
     strategy: Strategy,
     devices: Sequence[Device],
@@ -80,45 +83,96 @@ def run_inprocess(
     after_round: Callable[[RoundRecord, Sequence[Device]], None] | None = None,
     run_id: str = "bench",
 ) -> tuple[dict[str, str], list[RoundRecord]]:
-    """Run `rounds` rounds; return the final inputs (name -> digest) and a record per round.
+    """Run `rounds` rounds; return the final artifacts (name -> digest) and a record per round.
 
-    `after_round(record, devices)` runs after each server step, e.g. to evaluate models.
+    `run_id` names the run. `after_round(record, devices)` runs after each round closes,
+    e.g. to evaluate models.
     """
-    inputs = strategy.initial_inputs()
-    for dev in devices:
-        dev.transport = StoreTransport(strategy.store)
-        cache = ArtifactCache(dev.state_dir / "cache", dev.transport)  # type: ignore[arg-type]
-        ctx = DeviceContext(records=dev.records, eval_records=dev.eval_records, cache=cache,
-                            state_dir=dev.state_dir, say=lambda _msg: None, progress=False,
-                            local_slm=dev.local_slm)
-        dev.handler = handler_for(strategy.client_task(1).kind)(ctx)
-    history: list[RoundRecord] = []
-    spool = Path(work_dir) / "updates"
-    spool.mkdir(parents=True, exist_ok=True)
-    for number in range(1, rounds + 1):
-        info = _info(strategy, run_id, rounds, number, inputs)
-        schema = strategy.update_schema(inputs)
-        updates, ups, downs, times = [], [], [], []
+    work_dir = Path(work_dir)
+    settings = CoordinatorSettings(state_url=MEMORY_URL, artifact_dir=strategy.store.root,
+                                   work_dir=work_dir / "coordinator")
+    # The coordinator runs this very strategy instance, so the caller can look into its models.
+    coordinator = Coordinator(settings, state=SqlState.in_memory(), store=strategy.store,
+                              factory=lambda _spec: strategy)
+    try:
+        spec = strategy.spec.model_copy(update={"name": run_id, "rounds": rounds, "min_clients": len(devices),
+                                                "builds": [], "enroll_token": None})
+        created = coordinator.runs.create(spec)
         for dev in devices:
-            assert dev.handler is not None and dev.transport is not None
-            before, started = dev.transport.bytes_down, time.perf_counter()
-            payload = dev.handler.run(info)
-            body = save_arrays(payload.arrays, {META_NUM_SAMPLES: str(payload.num_samples),
-                                                META_METRICS: json.dumps(payload.metrics)})
-            times.append(time.perf_counter() - started)
-            path = spool / f"r{number}-{dev.name}.safetensors"
-            path.write_bytes(body)
-            check_schema(read_header(path), schema)  # what the coordinator checks on upload
-            updates.append(UpdateFile(path, payload.num_samples))
-            ups.append(len(body))
-            downs.append(dev.transport.bytes_down - before)
-        started = time.perf_counter()
-        aggregate = strategy.aggregate(iter(updates), schema)
-        result = strategy.server_step(number, inputs, strategy.store.put_bytes(save_arrays(aggregate)))
-        record = RoundRecord(number, info, result.metrics, result.outputs, ups, downs, times,
-                             time.perf_counter() - started)
-        inputs = result.outputs
-        history.append(record)
-        if after_round is not None:
-            after_round(record, devices)
-    return inputs, history
+            _enroll(coordinator, created.enroll_token, dev)
+        machine = _Machine(coordinator, created.run_id)
+        history = []
+        for number in range(1, rounds + 1):
+            machine.tick_until(lambda rnd, n=number: rnd.number == n and rnd.state is RoundState.collecting)
+            infos, device_s = [], []
+            for dev in devices:
+                started = time.perf_counter()
+                infos.append(_take_part(coordinator, created.run_id, dev))
+                device_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            machine.tick_until(lambda rnd, n=number: rnd.number > n or rnd.state is RoundState.closed)
+            server_s = time.perf_counter() - started
+            closed = coordinator.state.get_round(created.run_id, number)
+            totals = coordinator.state.transfer_totals(created.run_id, number)
+            record = RoundRecord(number, infos[0], closed.metrics, dict(closed.outputs or {}),
+                                 _bytes(totals, devices, Direction.up), _bytes(totals, devices, Direction.down),
+                                 device_s, server_s)
+            history.append(record)
+            if after_round is not None:
+                after_round(record, devices)
+        return coordinator.runs.holdings(coordinator.runs.get(created.run_id)).named, history
+    finally:
+        coordinator.close()
+
+
+def _enroll(coordinator: Coordinator, enroll_token: str, dev: Device) -> None:
+    slm = None
+    if dev.local_slm is not None:
+        from common.checkpoint import describe_local_slm
+
+        slm = describe_local_slm(dev.local_slm)
+    creds = coordinator.runs.enroll(enroll_token, ClientRegistration(name=dev.name, task_kinds=task_kinds(), slm=slm))
+    dev.client = coordinator.state.get_client(creds.client_id)
+    dev.transport = CoordinatorTransport(coordinator, dev.client)
+
+
+def _take_part(coordinator: Coordinator, run_id: str, dev: Device) -> RoundInfo:
+    """One device's round, as the worker does it: fetch the task, run it, upload the update."""
+    assert dev.client is not None and dev.transport is not None
+    info = coordinator.runs.current_round(dev.client, run_id)
+    if dev.handler is None:
+        ctx = DeviceContext(records=dev.records, eval_records=dev.eval_records,
+                            cache=ArtifactCache(dev.state_dir / "cache", dev.transport),  # type: ignore[arg-type]
+                            state_dir=dev.state_dir, say=lambda _msg: None, progress=False, local_slm=dev.local_slm)
+        dev.handler = handler_for(info.task.kind)(ctx)
+    body = encode_update(dev.handler.run(info), info.task.kind)
+    # Where the HTTP route spools an upload; accepting it moves the file into the store.
+    spooled = coordinator.spool_dir / f"{dev.client.id}-{info.round}.safetensors"
+    spooled.write_bytes(body)
+    coordinator.updates.check_can_upload(dev.client, run_id, info.round, dev.client.id)
+    coordinator.updates.accept_update(dev.client, run_id, info.round, spooled)
+    dev.bytes_up += len(body)
+    return info
+
+
+def _bytes(totals: list[TransferTotal], devices: Sequence[Device], direction: Direction) -> list[int]:
+    by_client = {t.client_id: t.bytes for t in totals if t.direction is direction}
+    return [by_client.get(dev.client.id, 0) if dev.client is not None else 0 for dev in devices]
+
+
+class _Machine:
+    """The round driver, ticked by hand until the run's current round reaches a condition."""
+
+    def __init__(self, coordinator: Coordinator, run_id: str) -> None:
+        self.state = coordinator.state
+        self.run_id = run_id
+        self.driver: RoundDriver = coordinator.driver()
+
+    def tick_until(self, reached: Callable[[StateRound], bool]) -> None:
+        while not reached(self.state.current_round(self.run_id)):
+            if self.driver.tick():
+                continue
+            run, rnd = self.state.get_run(self.run_id), self.state.current_round(self.run_id)
+            if run.state is RunState.failed:
+                raise RuntimeError(f"the run failed: {run.error}")
+            raise RuntimeError(f"round {rnd.number} is stuck in {rnd.state.value} ({run.state.value} run)")

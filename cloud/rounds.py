@@ -1,12 +1,15 @@
-"""The round state machine (DESIGN.md §4), driven by a background thread.
+"""The round state machine (ARCHITECTURE.md, "Round state machine"), driven by a background
+thread or, in process, by calling `tick()`.
 
 open -> collecting -> aggregating -> server_step -> publishing -> closed (or failed).
 
 Each step does its slow work (aggregation, the strategy's server step) outside any
 transaction, stores results content-addressed, and then commits the transition with a
-compare-and-set on the round's state. A coordinator killed anywhere restarts, finds the
-round in the last committed state and redoes at most the step that was under way; that
-step is deterministic (seeded), so the run ends where an uninterrupted one would.
+compare-and-set on the round's state through `CoordinatorState` (ARCHITECTURE.md, "State
+interface"). A coordinator killed anywhere restarts, finds the round in the last committed
+state and redoes at most the step that was under way; that step is deterministic (seeded),
+so the run ends where an uninterrupted one would. The slow steps run under a lease, so of
+several replicas sharing one database only one does each.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
-from sqlalchemy import func, select, update
-
-from cloud.db import Client, Round, RoundEvent, Run, Update
 from cloud.faults import failpoint
-from cloud.service import Coordinator, aware
+from cloud.services.builds import BuildsService
+from cloud.services.runs import RunsService
+from cloud.state import CoordinatorState, StateUnavailable
+from cloud.state.records import RoundRecord, RunRecord
+from cloud.store import BlobStore
 from cloud.strategies import UpdateFile
 from common.protocol import RoundState, RunSpec, RunState
 from common.tensorfile import save_arrays
@@ -36,13 +41,38 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass(frozen=True)
+class DriverConfig:
+    # Names this replica in leases and audit events; stable across restarts.
+    instance_id: str
+    lease_s: float = 600.0
+    tick_s: float = 0.5
+
+
+Step = Callable[[RunRecord, RoundRecord, RunSpec], bool]
+
+
 class RoundDriver:
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
+    def __init__(self, state: CoordinatorState, runs: RunsService, store: BlobStore, model_lock: threading.Lock,
+                 config: DriverConfig, builds: BuildsService | None = None) -> None:
+        self.state = state
+        self.runs = runs
+        self.store = store
+        # Held models are shared with /v1/generate: a server step must not swap adapters under it.
+        self.model_lock = model_lock
+        self.config = config
+        self.builds = builds
+        self._steps: dict[RoundState, Step] = {
+            RoundState.open: self._open,
+            RoundState.collecting: self._collecting,
+            RoundState.aggregating: self._aggregating,
+            RoundState.server_step: self._server_step,
+            RoundState.publishing: self._publishing,
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="cotune-round-driver", daemon=True)
@@ -61,204 +91,109 @@ class RoundDriver:
                 log.exception("round driver tick failed; retrying")
                 busy = False
             if not busy:
-                self._stop.wait(self.c.settings.tick_s)
+                self._stop.wait(self.config.tick_s)
 
-    # -- one step ------------------------------------------------------------------------
+    # -- one step --------------------------------------------------------------------------
 
     def tick(self) -> bool:
         """Advance every running run by at most one transition; True if anything moved."""
-        with self.c.Session() as s:
-            run_ids = list(s.scalars(select(Run.id).where(Run.state == RunState.running.value)))
         moved = False
-        for run_id in run_ids:
-            moved |= self.advance(run_id)
-        return self._publish_pending_builds() or moved
-
-    def _publish_pending_builds(self) -> bool:
-        """After a run's last round, export the edge builds its spec asks for (once)."""
-        from cloud.builds import publish_builds
-
-        with self.c.Session() as s:
-            runs = [r for r in s.scalars(select(Run).where(Run.state == RunState.finished.value))
-                    if r.spec.get("builds") and "builds" not in r.metrics]
-        for run in runs:
-            try:
-                record: dict[str, Any] = {"names": [b.name for b in publish_builds(self.c, run.id, run.spec["builds"])]}
-            except Exception as exc:  # the run itself succeeded; only its builds failed
-                log.exception("run %s: publishing builds failed", run.id)
-                detail = getattr(exc, "detail", None)
-                record = {"error": detail.message if detail is not None else f"{type(exc).__name__}: {exc}"}
-            with self.c.Session.begin() as s:
-                row = s.get(Run, run.id)
-                row.metrics = {**row.metrics, "builds": record}
-        return bool(runs)
+        for run in self.state.list_runs(RunState.running):
+            moved |= self.advance(run.id)
+        published = self.builds.publish_finished_runs() if self.builds is not None else False
+        return published or moved
 
     def advance(self, run_id: str) -> bool:
-        with self.c.Session() as s:
-            run = s.get(Run, run_id)
-            rnd = s.scalar(select(Round).where(Round.run_id == run_id, Round.number == run.current_round))
-        if run.state != RunState.running.value or rnd is None:
+        run = self.state.get_run(run_id)
+        if run is None or run.state != RunState.running:
             return False
-        spec = RunSpec.model_validate(run.spec)
-        step = {
-            RoundState.open.value: self._open,
-            RoundState.collecting.value: self._collecting,
-            RoundState.aggregating.value: self._aggregating,
-            RoundState.server_step.value: self._server_step,
-            RoundState.publishing.value: self._publishing,
-        }.get(rnd.state)
+        rnd = self.state.current_round(run_id)
+        step = self._steps.get(rnd.state) if rnd is not None else None
         if step is None:
             return False
         try:
             if "initial" not in run.metrics:
                 self._initial_metrics(run)
                 return True
-            return step(run, rnd, spec)
+            return step(run, rnd, RunSpec.model_validate(run.spec))
+        except StateUnavailable:
+            raise  # transient: the next tick tries again
         except Exception as exc:
-            if self._is_transient(exc):
-                raise
             self._fail(run, rnd, exc)
             return True
 
-    @staticmethod
-    def _is_transient(exc: Exception) -> bool:
-        from sqlalchemy.exc import OperationalError
+    def _initial_metrics(self, run: RunRecord) -> None:
+        first = self.state.get_round(run.id, 1)
+        with self.model_lock:
+            metrics = self.runs.strategy(run).initial_metrics(dict(first.inputs))
+        self.state.set_run_metrics(run.id, {"initial": metrics})
 
-        return isinstance(exc, OperationalError)
-
-    def _initial_metrics(self, run: Run) -> None:
-        with self.c.Session() as s:
-            first = s.scalar(select(Round).where(Round.run_id == run.id, Round.number == 1))
-        with self.c.model_lock:
-            metrics = self.c.strategy(run).initial_metrics(dict(first.inputs))
-        with self.c.Session.begin() as s:
-            row = s.get(Run, run.id)
-            row.metrics = {**row.metrics, "initial": metrics}
-
-    def _cas(self, rnd: Round, old: RoundState, new: RoundState, **values: Any) -> bool:
-        """Move the round from `old` to `new` in one transaction; False if it was not in `old`."""
-        with self.c.Session.begin() as s:
-            moved = self._cas_in(s, rnd, old, new, **values)
-        return moved
-
-    def _cas_in(self, s: Any, rnd: Round, old: RoundState, new: RoundState, **values: Any) -> bool:
+    def _cas(self, rnd: RoundRecord, old: RoundState, new: RoundState, **changes: object) -> bool:
         # A slow step commits only while this replica still holds the round's lease, so two
         # replicas sharing one database never both publish a result for the same step.
-        guard = [Round.id == rnd.id, Round.state == old.value]
-        if old in _LEASED:
-            guard.append(Round.lease_owner == self.c.instance_id)
-        moved = s.execute(
-            update(Round).where(*guard).values(state=new.value, lease_owner=None, lease_until=None, **values)
-        ).rowcount == 1
+        holder = self.config.instance_id if old in _LEASED else None
+        moved = self.state.transition(rnd.run_id, rnd.number, old, new, lease_holder=holder, **changes)
         if moved:
             log.info("run %s round %d: %s -> %s", rnd.run_id, rnd.number, old.value, new.value)
         return moved
 
-    def _claim(self, rnd: Round, state: RoundState) -> bool:
-        """Take (or renew) the lease on a round's slow step; False while another replica holds it."""
-        now = _now()
-        me = self.c.instance_id
-        with self.c.Session.begin() as s:
-            claimed = s.execute(
-                update(Round)
-                .where(Round.id == rnd.id, Round.state == state.value,
-                       (Round.lease_owner.is_(None)) | (Round.lease_owner == me) | (Round.lease_until < now))
-                .values(lease_owner=me, lease_until=now + timedelta(seconds=self.c.settings.lease_s))
-            ).rowcount == 1
-            if claimed:
-                s.add(RoundEvent(round_id=rnd.id, step=state.value, instance=me))
-        return claimed
+    def _claim(self, rnd: RoundRecord) -> bool:
+        """Take (or renew) the lease on the round's slow step; False while another replica holds it."""
+        until = _now() + timedelta(seconds=self.config.lease_s)
+        return self.state.claim_lease(rnd.run_id, rnd.number, rnd.state, self.config.instance_id, until)
 
-    def _active_clients(self, run_id: str) -> int:
-        with self.c.Session() as s:
-            return s.scalar(select(func.count()).select_from(Client).where(
-                Client.run_id == run_id, Client.revoked.is_(False))) or 0
-
-    def _open(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
+    def _open(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
         # The deadline clock starts once enough devices are enrolled to make a quorum.
-        if self._active_clients(run.id) < spec.min_clients:
+        if self.state.count_active_clients(run.id) < spec.min_clients:
             return False
         now = _now()
         return self._cas(rnd, RoundState.open, RoundState.collecting, collecting_at=now,
                          deadline_at=now + timedelta(seconds=spec.round_deadline_s))
 
-    def _collecting(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
-        with self.c.Session() as s:
-            n_updates = s.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id))
+    def _collecting(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        n_updates = self.state.count_updates(run.id, rnd.number)
         if n_updates < spec.min_clients:
             return False
-        everyone_in = n_updates >= self._active_clients(run.id)
-        past_deadline = rnd.deadline_at is not None and _now() >= aware(rnd.deadline_at)
+        everyone_in = n_updates >= self.state.count_active_clients(run.id)
+        past_deadline = rnd.deadline_at is not None and _now() >= rnd.deadline_at
         if not (everyone_in or past_deadline):
             return False
         return self._cas(rnd, RoundState.collecting, RoundState.aggregating)
 
-    def _aggregating(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
-        if not self._claim(rnd, RoundState.aggregating):
+    def _aggregating(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        if not self._claim(rnd):
             return False
-        strategy = self.c.strategy(run)
-        with self.c.Session() as s:
-            rows = list(s.execute(select(Update.sha256, Update.num_samples)
-                                  .where(Update.round_id == rnd.id).order_by(Update.id)))
-            client_metrics = list(s.scalars(select(Update.metrics).where(Update.round_id == rnd.id)))
-        updates = (UpdateFile(self.c.store.path(sha), n) for sha, n in rows)
-        aggregate = strategy.aggregate(updates, strategy.update_schema(dict(rnd.inputs)))
-        digest = self.c.store.put_bytes(save_arrays(aggregate))
+        strategy = self.runs.strategy(run)
+        updates = self.state.list_updates(run.id, rnd.number)
+        files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
+        aggregate = strategy.aggregate(files, strategy.update_schema(dict(rnd.inputs)))
+        digest = self.store.put_bytes(save_arrays(aggregate))
         failpoint("aggregated")
-        metrics = {**rnd.metrics, "num_updates": len(rows), "num_samples": sum(n for _, n in rows),
-                   "aggregate_sha256": digest}
-        # Devices report the privacy they have spent; the round's figure is the worst of them.
-        epsilons = [m["privacy"]["epsilon"] for m in client_metrics
-                    if isinstance(m.get("privacy"), dict) and m["privacy"].get("epsilon") is not None]
-        if epsilons:
-            metrics["privacy_epsilon_max"] = max(epsilons)
-        return self._cas(rnd, RoundState.aggregating, RoundState.server_step,
-                         aggregate_digest=digest, metrics=metrics)
+        metrics = {**rnd.metrics, "num_updates": len(updates), "num_samples": sum(u.num_samples for u in updates),
+                   "aggregate_sha256": digest, **strategy.round_metrics([dict(u.metrics) for u in updates])}
+        return self._cas(rnd, RoundState.aggregating, RoundState.server_step, aggregate_digest=digest,
+                         metrics=metrics)
 
-    def _server_step(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
-        if not self._claim(rnd, RoundState.server_step):
+    def _server_step(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        if not self._claim(rnd):
             return False
-        strategy = self.c.strategy(run)
+        strategy = self.runs.strategy(run)
         started = _now()
-        with self.c.model_lock:
+        with self.model_lock:
             result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
         failpoint("server_stepped")
-        metrics = {**rnd.metrics, **result.metrics,
-                   "server_step_s": round((_now() - started).total_seconds(), 3)}
-        with self.c.Session.begin() as s:
-            moved = self._cas_in(s, rnd, RoundState.server_step, RoundState.publishing,
-                                 outputs=result.outputs, metrics=metrics)
-            if moved:
-                self.c._add_artifacts(s, run.id, result.outputs, strategy)
-        return moved
+        metrics = {**rnd.metrics, **result.metrics, "server_step_s": round((_now() - started).total_seconds(), 3)}
+        return self._cas(rnd, RoundState.server_step, RoundState.publishing, outputs=result.outputs,
+                         metrics=metrics, artifacts=self.runs.artifact_records(strategy, result.outputs))
 
-    def _publishing(self, run: Run, rnd: Round, spec: RunSpec) -> bool:
-        with self.c.Session.begin() as s:
-            moved = s.execute(
-                update(Round).where(Round.id == rnd.id, Round.state == RoundState.publishing.value)
-                .values(state=RoundState.closed.value, closed_at=_now())
-            ).rowcount == 1
-            if not moved:
-                return False
-            row = s.get(Run, run.id)
-            if rnd.number < spec.rounds:
-                s.add(Round(run_id=run.id, number=rnd.number + 1, state=RoundState.open.value,
-                            inputs=rnd.outputs, metrics={}))
-                row.current_round = rnd.number + 1
-            else:
-                row.state = RunState.finished.value
-                row.artifacts = rnd.outputs
-        log.info("run %s round %d: closed%s", run.id, rnd.number,
-                 "" if rnd.number < spec.rounds else "; run finished")
+    def _publishing(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        last = rnd.number >= spec.rounds
+        if not self.state.close_round(run.id, rnd.number, last):
+            return False
+        log.info("run %s round %d: closed%s", run.id, rnd.number, "; run finished" if last else "")
         return True
 
-    def _fail(self, run: Run, rnd: Round, exc: Exception) -> None:
+    def _fail(self, run: RunRecord, rnd: RoundRecord, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}"
         log.error("run %s round %d failed: %s\n%s", run.id, rnd.number, message, traceback.format_exc())
-        with self.c.Session.begin() as s:
-            row = s.get(Round, rnd.id)
-            row.state = RoundState.failed.value
-            row.error = message
-            run_row = s.get(Run, run.id)
-            run_row.state = RunState.failed.value
-            run_row.error = f"round {rnd.number}: {message}"
+        self.state.fail_run(run.id, rnd.number, message)

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-_CHUNK = 1 << 20
+from common.digest import file_sha256
 
 
 class BlobStore:
@@ -64,10 +64,3 @@ class BlobStore:
     def read_bytes(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
 
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()

@@ -6,13 +6,14 @@ a backend; it lives here, in the lowest layer, so all three agree on one schema.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from common.digest import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 
@@ -75,13 +76,12 @@ class BuildManifest(BaseModel):
                 raise ValueError(f"{path} is missing from the build")
             if path.stat().st_size != f.size:
                 raise ValueError(f"{path} is {path.stat().st_size} bytes, the manifest says {f.size}: truncated?")
-            if file_digest(path) != f.sha256:
+            if file_sha256(path) != f.sha256:
                 raise ValueError(f"{path} does not match its sha256 in the manifest: corrupt?")
 
 
-def file_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+def build_files(build_dir: Path) -> list[BuildFile]:
+    """Every file under `build_dir` but its manifest, with size and sha256, for the manifest to list."""
+    root = Path(build_dir)
+    return [BuildFile(name=p.relative_to(root).as_posix(), sha256=file_sha256(p), size=p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME]

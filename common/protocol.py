@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 
 
 class RoundState(str, Enum):
-    """DESIGN.md §4: open -> collecting -> aggregating -> server_step -> publishing -> closed."""
+    """open -> collecting -> aggregating -> server_step -> publishing -> closed, or failed
+    (ARCHITECTURE.md, "Round state machine")."""
 
     open = "open"
     collecting = "collecting"
@@ -182,6 +183,11 @@ class ClientTask(BaseModel):
     seed: int
     params: dict[str, Any] = Field(default_factory=dict)
     privacy: PrivacySpec | None = None
+    builds: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="edge builds the device makes of its own final model when the run ends, e.g. "
+        '["gguf:q8_0"] (methods whose device SLM never leaves the device); empty: none, or pulled from the run',
+    )
 
 
 class RoundInfo(BaseModel):

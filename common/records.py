@@ -12,7 +12,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """One supervised example: the loss is on `response` only (DESIGN.md §5)."""
+    """One supervised example: the loss is on `response` only (ARCHITECTURE.md, "Algorithms")."""
 
     prompt: str
     response: str

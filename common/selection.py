@@ -5,8 +5,8 @@ The rules, in order:
    its base), on an engine the device has installed (when the profile says which).
 2. Only builds that fit in memory: the estimated resident size (file size times an
    engine factor, plus a margin for the KV cache and the runtime) within a share of RAM.
-3. Among those, llama.cpp before ONNX Runtime: on the CPUs measured here (DESIGN.md §8)
-   it decodes 1.5-2x faster at the same bit width. Then the quantization: on small or ARM
+3. Among those, llama.cpp before ONNX Runtime: on the CPUs measured here (ARCHITECTURE.md,
+   "Edge runtime and export") it decodes 1.5-2x faster at the same bit width. Then the quantization: on small or ARM
    devices, whose decode speed is bounded by memory bandwidth, 4-bit k-quants first; on
    larger x86 machines 8-bit first (almost lossless, only a little slower there).
    `prefer="speed"` or `"quality"` overrides that middle ground.
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.errors import EdgeRuntimeError
 from common.manifest import BuildManifest
 from common.protocol import DeviceProfile
-from common.errors import EdgeRuntimeError
 
 Preference = Literal["balanced", "speed", "quality"]
 
@@ -114,17 +114,13 @@ def rank_builds(
 
 def choose_build(
     manifests: Sequence[BuildManifest],
-    profile: DeviceProfile | None = None,
+    profile: DeviceProfile,
     prefer: Preference = "balanced",
 ) -> BuildManifest:
-    """The build this device should run; raises NoSuitableBuildError saying why none fits.
+    """The build a device of this profile should run; raises NoSuitableBuildError saying why none fits.
 
-    `profile` defaults to this machine's (edge_sdk.profile.detect_profile()).
+    On the device itself, edge_sdk.runtime.choose_build fills in this machine's profile.
     """
-    if profile is None:
-        from edge_sdk.profile import detect_profile
-
-        profile = detect_profile()
     if not manifests:
         raise NoSuitableBuildError("there are no builds to choose from", "the run has published none yet",
                                    "wait for the run to publish its edge builds")

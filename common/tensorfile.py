@@ -1,4 +1,7 @@
-"""Safetensors bodies: strict parsing from a file, and checking against an expected schema.
+"""Safetensors bodies: strict parsing from a file or from memory, and checking against an expected schema.
+
+The one header parser in cotune: uploads and adapters on the wire, and checkpoint weights on
+disk (`common.checkpoint`), which may hold dtypes the wire never carries (BF16).
 
 Why not `safetensors.safe_open`: the coordinator must refuse a hostile body (a huge
 header length, overlapping or out-of-range offsets, unknown dtypes) with a precise reason
@@ -34,6 +37,11 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16"}
+# Bytes per element of every dtype a checkpoint may hold, wire dtypes included.
+DTYPE_WIDTHS: dict[str, int] = {
+    **{name: dtype.itemsize for name, dtype in DTYPES.items()},
+    "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
 
 
 class TensorFileError(ValueError):
@@ -65,19 +73,37 @@ def _bad(message: str, hint: str = "send a file written by safetensors.save") ->
     return TensorFileError("invalid_safetensors", message, hint)
 
 
-def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> TensorFileHeader:
-    """Parse and check the header of a safetensors file without reading its data."""
-    total = path.stat().st_size
+def _read_range(source: Path | bytes, start: int, length: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[start : start + length])
+    with source.open("rb") as fh:
+        fh.seek(start)
+        return fh.read(length)
+
+
+def _header_bytes(source: Path | bytes, max_header_bytes: int) -> tuple[int, int, bytes]:
+    """(total size, header length, raw header) of a file or an in-memory body."""
+    total = len(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.stat().st_size
     if total < 8:
         raise _bad(f"body is {total} bytes; a safetensors file starts with an 8-byte header length")
-    with path.open("rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > max_header_bytes or header_len > total - 8:
-            raise _bad(
-                f"header length {header_len} is larger than the body ({total} bytes) "
-                f"or the limit ({max_header_bytes} bytes)"
-            )
-        raw = fh.read(header_len)
+    (header_len,) = struct.unpack("<Q", _read_range(source, 0, 8))
+    if header_len > max_header_bytes or header_len > total - 8:
+        raise _bad(
+            f"header length {header_len} is larger than the body ({total} bytes) "
+            f"or the limit ({max_header_bytes} bytes)"
+        )
+    return total, header_len, _read_range(source, 8, header_len)
+
+
+def read_header(
+    source: Path | bytes, max_header_bytes: int = MAX_HEADER_BYTES, *, wire_dtypes: bool = True
+) -> TensorFileHeader:
+    """Parse and check the header of a safetensors file (or body in memory) without reading its data.
+
+    `wire_dtypes=False` is for model checkpoints: any dtype name is accepted (BF16, F8_E4M3, ...)
+    and tensor sizes are checked wherever the dtype's width is known.
+    """
+    total, header_len, raw = _header_bytes(source, max_header_bytes)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -97,7 +123,7 @@ def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> TensorF
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _bad(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or (wire_dtypes and dtype not in DTYPES):
             raise _bad(f"tensor {name!r}: unsupported dtype {dtype!r}", f"use one of {sorted(DTYPES)}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise _bad(f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -108,8 +134,8 @@ def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> TensorF
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise _bad(f"tensor {name!r}: data_offsets {offsets!r} fall outside the data")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != nbytes:
+        width = DTYPE_WIDTHS.get(dtype)
+        if width is not None and offsets[1] - offsets[0] != math.prod(shape) * width:
             raise _bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {dtype}")
         tensors[name] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 

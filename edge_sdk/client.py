@@ -3,7 +3,6 @@ sha256 check of every download (resumed with Range after a dropped connection)."
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import ssl
@@ -15,11 +14,13 @@ import httpx
 from pydantic import BaseModel
 
 from common import __version__
+from common.digest import file_sha256
 from common.protocol import (
     ArtifactRef,
     BuildList,
     ClientCredentials,
     ClientRegistration,
+    DeviceBuildReport,
     DeviceProfile,
     RoundInfo,
     RoundSummary,
@@ -147,6 +148,11 @@ class CoordinatorClient:
         return self._call("PUT", f"/v1/runs/{run_id}/rounds/{number}/updates/{client_id}",
                           UpdateReceipt, content=body)
 
+    def report_build(self, run_id: str, report: DeviceBuildReport) -> Any:
+        """Tell the coordinator of an edge build this device made of its own SLM (its manifest;
+        the files stay here). Safe to retry: a build is known by its name and manifest."""
+        return self._call("POST", f"/v1/runs/{run_id}/device-builds", json=report.model_dump(mode="json"))
+
     def download(self, ref: ArtifactRef, dest: Path) -> Path:
         """Fetch an artifact to `dest`, resuming a partial file, and check its sha256."""
         dest = Path(dest)
@@ -169,7 +175,7 @@ class CoordinatorClient:
                 with part.open(mode) as fh:
                     for chunk in response.iter_bytes():  # as it arrives: a cut keeps what came
                         fh.write(chunk)
-            digest = _sha256(part)
+            digest = file_sha256(part)
             if digest != ref.sha256:
                 part.unlink(missing_ok=True)
                 raise IntegrityError(f"{ref.name}: got sha256 {digest[:12]}..., expected {ref.sha256[:12]}...")
@@ -195,11 +201,3 @@ def _tls_context(verify: bool | str | Path) -> bool | ssl.SSLContext:
     if not path.is_file():
         raise FileNotFoundError(f"CA certificate {path} does not exist")
     return ssl.create_default_context(cafile=str(path))
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()

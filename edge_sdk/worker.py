@@ -18,9 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_sdk.client import CoordinatorClient, CoordinatorError
-from edge_sdk.handlers import HANDLERS, DeviceContext, TaskHandler, handler_for
-from edge_sdk.profile import detect_profile
 from common.protocol import (
     META_KIND,
     META_METRICS,
@@ -33,6 +30,9 @@ from common.protocol import (
     RunState,
 )
 from common.tensorfile import save_arrays
+from edge_sdk.client import CoordinatorClient, CoordinatorError
+from edge_sdk.handlers import DeviceContext, FinalArtifacts, TaskHandler, UpdatePayload, handler_for, task_kinds
+from edge_sdk.profile import detect_profile
 
 log = logging.getLogger("cotune.edge")
 
@@ -64,6 +64,15 @@ class JoinResult:
     final_adapter_sha256: str | None = None
     model_dir: Path | None = None
     build_dir: Path | None = None
+
+
+def encode_update(payload: UpdatePayload, kind: str | None = None) -> bytes:
+    """An update body as the coordinator takes it: the tensors, with the sample count, the
+    device's metrics (JSON) and the task kind in the safetensors metadata."""
+    metadata = {META_NUM_SAMPLES: str(payload.num_samples), META_METRICS: json.dumps(payload.metrics)}
+    if kind is not None:
+        metadata[META_KIND] = kind
+    return save_arrays(payload.arrays, metadata)
 
 
 class ArtifactCache:
@@ -126,11 +135,11 @@ class EdgeWorker:
     def registration(self) -> ClientRegistration:
         slm = None
         if self.config.local_slm is not None:
-            from edge_sdk.handlers.local_slm import describe_local_slm
+            from common.checkpoint import describe_local_slm
 
             slm = describe_local_slm(self.config.local_slm)
         return ClientRegistration(name=self.config.name, profile=detect_profile(),
-                                  task_kinds=sorted(HANDLERS), slm=slm)
+                                  task_kinds=task_kinds(), slm=slm)
 
     def _credentials(self) -> ClientCredentials:
         path = self.state_dir / "credentials.json"
@@ -175,10 +184,8 @@ class EdgeWorker:
         pending = self.state_dir / f"pending-{creds.run_id}-{info.round}.safetensors"
         if not pending.exists():
             payload = self.handler(info.task.kind).run(info)
-            metadata = {META_NUM_SAMPLES: str(payload.num_samples), META_METRICS: json.dumps(payload.metrics),
-                        META_KIND: info.task.kind}
             tmp = pending.with_suffix(".tmp")
-            tmp.write_bytes(save_arrays(payload.arrays, metadata))
+            tmp.write_bytes(encode_update(payload, info.task.kind))
             os.replace(tmp, pending)
         try:
             receipt = self.client.upload_update(creds.run_id, info.round, creds.client_id, pending.read_bytes())
@@ -224,6 +231,16 @@ class EdgeWorker:
         self.say(f"pulled edge build {build.name} ({sum(f.size for f in build.files) / 2**20:.1f} MiB) into {target}")
         return target
 
+    def _make_builds(self, info: RoundInfo, final: FinalArtifacts, out_dir: Path) -> Path | None:
+        """Export this device's final SLM to the run's build targets and report each build."""
+        from edge_sdk.builds import make_device_builds
+
+        self.say(f"making edge builds {', '.join(info.task.builds)} of this device's final model")
+        return make_device_builds(final, info.task.lora, info.task.builds, out_dir, run_id=info.run_id,
+                                  round=info.round, say=self.say, profile=detect_profile(),
+                                  report=lambda report: self.client.report_build(info.run_id, report),
+                                  progress=self.config.progress)
+
     def _finish(self, info: RoundInfo, result: JoinResult) -> JoinResult:
         out_dir = Path(self.config.out_dir or self.state_dir / "final")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +248,10 @@ class EdgeWorker:
         result.final_adapter = final.adapter
         result.final_adapter_sha256 = final.adapter_sha256
         result.model_dir = final.model_dir
-        result.build_dir = self._pull_build(info, out_dir)
+        if info.task.builds:  # the method's SLM lives here, so its builds are made here
+            result.build_dir = self._make_builds(info, final, out_dir)
+        else:
+            result.build_dir = self._pull_build(info, out_dir)
         (out_dir / "final.json").write_text(json.dumps({
             "run_id": result.run_id, "client_id": result.client_id, "round": info.round,
             "adapter_sha256": final.adapter_sha256, "rounds_trained": result.rounds_trained,

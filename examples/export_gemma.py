@@ -30,8 +30,8 @@ FACTS = [
 
 def train_adapter(checkpoint: Path, out_dir: Path, steps: int, seed: int = 0) -> Path:
     """A few LoRA steps on FACTS; writes adapter.safetensors + adapter_info.json like a device does."""
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from common.ml.tiny import load_checkpoint
     from common.ml.train import train_lora
     from common.protocol import LoraSpec, TrainSpec
     from common.records import TaskRecord

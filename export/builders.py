@@ -7,14 +7,14 @@ vocabulary, the reference figures and the intermediate files under `<staging>/.w
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from common.manifest import file_digest
+from common.checkpoint import TOKENIZER_FILES
+from common.digest import file_sha256
+from common.dirs import link_or_copy
 from export.inputs import AdapterInfo, BaseInfo
-from export.merge import TOKENIZER_FILES
 from export.parity import (
     LlamaCppRunner,
     OnnxRunner,
@@ -30,14 +30,6 @@ from export.targets import Target
 _F32_SOURCE_MAX_PARAMS = 1_500_000_000
 
 BuildOutput = tuple[dict[str, Any], dict[str, Any], list[str]]  # manifest fields, parity figures, notes
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 class Builder:
@@ -95,7 +87,7 @@ class Builder:
     def build_gguf(self, target: Target, build: Path) -> BuildOutput:
         notes: list[str] = []
         model = build / "model.gguf"
-        _link(self._gguf("merged", target.quant), model)
+        link_or_copy(self._gguf("merged", target.quant), model)
         self.merged_gguf[target.quant] = model
         runner = LlamaCppRunner(model, n_ctx=self.n_ctx, threads=self.threads)
         try:
@@ -111,7 +103,7 @@ class Builder:
         from export.gguf_lora import write_gguf_lora
 
         base_file, adapter_file = build / "base.gguf", build / "adapter.gguf"
-        _link(self._gguf("base", target.quant), base_file)
+        link_or_copy(self._gguf("base", target.quant), base_file)
         write_gguf_lora(self.models.lora, self.models.merged.config, adapter_file,
                         name=f"{self.base.name} adapter {self.adapter.sha256[:12] if self.adapter else ''}")
         merged = self._gguf("merged", target.quant)
@@ -131,7 +123,7 @@ class Builder:
         figures["lora_vs_merged"] = {k: lora[k] for k in ("max_abs_logit_diff", "rel_logit_diff", "top1_agreement",
                                                           "greedy_match", "greedy_identical",
                                                           "greedy_divergence_margins")}
-        fields = {"model_file": "adapter.gguf", "base_gguf": file_digest(base_file)}
+        fields = {"model_file": "adapter.gguf", "base_gguf": file_sha256(base_file)}
         return fields, figures, []
 
     # -- ONNX -------------------------------------------------------------------------------------
@@ -153,14 +145,14 @@ class Builder:
         build.mkdir(parents=True, exist_ok=True)
         if target.quant == "fp32":
             for f in onnx_files(source):
-                _link(f, build / f.name)
+                link_or_copy(f, build / f.name)
         elif target.quant == "int8":
             quantize_onnx_int8(source, model)
         else:
             quantize_onnx_int4(source, model, **self.int4)
         for name in ("config.json", "generation_config.json"):
             if (source.parent / name).is_file():
-                _link(source.parent / name, build / name)
+                link_or_copy(source.parent / name, build / name)
         # The base's own tokenizer files, byte for byte (optimum re-saves its own copy); copied, not
         # hard-linked: a build must not change when the source checkpoint is edited in place.
         for name in TOKENIZER_FILES:

@@ -15,14 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.cache import cache_root
+from common.digest import file_sha256
 from export.errors import ExportError
 
 CHECKPOINT_DIR = "gemma3-270m-hf"
 GGUF_DIR = "gemma3-270m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune")).expanduser()
 
 
 def gemma_gguf(cache: Path | None = None) -> Path:
@@ -63,10 +61,8 @@ def gemma_checkpoint(cache: Path | None = None) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
              "model_max_length": int(cfg.max_position_embeddings), **specials}, indent=2))
-        from common.manifest import file_digest
-
         (tmp / "cotune_source.json").write_text(json.dumps(
-            {"gguf": gguf_path.name, "gguf_sha256": file_digest(gguf_path),
+            {"gguf": gguf_path.name, "gguf_sha256": file_sha256(gguf_path),
              "note": "weights dequantized from the Q4_K_M GGUF by transformers; tokenizer rebuilt from its vocab"},
             indent=2))
         try:

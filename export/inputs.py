@@ -7,14 +7,14 @@ milliseconds with a message that says what to do.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.manifest import file_digest
+from common.checkpoint import CheckpointError, inspect_checkpoint, read_config, read_json_object
+from common.digest import bytes_sha256, file_sha256
+from common.tensorfile import TensorFileError, read_header
 from export.errors import ExportError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 # HF model_type -> llama.cpp architecture name.
 SUPPORTED_ARCHS: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
-_MAX_HEADER = 100 * 1024 * 1024
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 TensorShapes = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -60,106 +58,45 @@ class AdapterInfo:
 
 def safetensors_header(source: Path | bytes, what: str) -> TensorShapes:
     """name -> (dtype, shape) from a safetensors file or body; ExportError when truncated or malformed."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        total = len(data)
-        head = data[:8]
-    else:
-        total = source.stat().st_size
-        with source.open("rb") as fh:
-            head = fh.read(8)
-            data = b""
-    if len(head) < 8:
-        raise ExportError(f"{what} is not a safetensors file: {total} bytes, shorter than its header; truncated?")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER or 8 + n > total:
-        raise ExportError(f"{what} is not a valid safetensors file: its header length ({n}) runs past the end "
-                          f"of the {total}-byte file; truncated or corrupt? Re-save or re-download it.")
-    if data:
-        raw = data[8:8 + n]
-    else:
-        with Path(source).open("rb") as fh:  # type: ignore[arg-type]
-            fh.seek(8)
-            raw = fh.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{what} is not a valid safetensors file: its header is not JSON ({exc}); corrupt?") from None
-    if not isinstance(header, dict):
-        raise ExportError(f"{what} is not a valid safetensors file: its header is not a JSON object; corrupt?")
-    shapes: TensorShapes = {}
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, stop) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ExportError(f"{what}: tensor {name!r} has a malformed header entry; corrupt file?") from None
-        count = 1
-        for s in shape:
-            count *= s
-        if dtype in _DTYPE_BYTES and stop - start != count * _DTYPE_BYTES[dtype]:
-            raise ExportError(f"{what}: tensor {name!r} header says {stop - start} bytes for shape {shape}; corrupt?")
-        shapes[name] = (dtype, shape)
-        end = max(end, int(stop))
-    if 8 + n + end != total:
-        raise ExportError(f"{what} is {total} bytes but its header describes {8 + n + end}: truncated or corrupt? "
-                          "Re-save or re-download it.")
-    return shapes
+        header = read_header(source, wire_dtypes=False)
+    except TensorFileError as exc:
+        raise ExportError(f"{what} is not a valid safetensors file: {exc.message}; truncated or corrupt? "
+                          "Re-save or re-download it.") from None
+    return {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc}): truncated or corrupt {what}?") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path}: the {what} must be a JSON object")
-    return value
+        return read_json_object(path, what)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def inspect_base(base_dir: str | os.PathLike[str]) -> BaseInfo:
     """Check an HF checkpoint directory: config, supported architecture, intact weights, a tokenizer."""
     path = Path(base_dir)
-    if not path.is_dir():
-        raise ExportError(f"{path}: no such checkpoint directory (pass --base the HF checkpoint directory)")
-    config = _read_json(path / "config.json", "model config (config.json); is this an HF checkpoint directory?")
-    model_type = str(config.get("model_type", ""))
-    if model_type == "gemma3" and "text_config" in config:
-        raise UnsupportedModelError(
-            f"{path}: this is the multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); export its text "
-            "model instead (a Gemma3ForCausalLM checkpoint, model_type gemma3_text)")
-    if model_type not in SUPPORTED_ARCHS:
-        raise UnsupportedModelError(
-            f"{path}: architecture {model_type or '(none)'!r} is not supported by the exporter; "
-            f"supported: {', '.join(SUPPORTED_ARCHS)}")
-    weight_files: list[Path] = []
-    if (path / "model.safetensors").is_file():
-        weight_files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").is_file():
-        index = _read_json(path / "model.safetensors.index.json", "safetensors index")
-        weight_files = [path / name for name in sorted(set(index.get("weight_map", {}).values()))]
-        missing = [f.name for f in weight_files if not f.is_file()]
-        if missing or not weight_files:
-            raise ExportError(f"{path}: weight shards {missing or '(none)'} listed in the index are missing")
-    else:
-        raise ExportError(f"{path}: no model.safetensors; only safetensors weights are exported (never pickle). "
-                          "Re-save the model with save_pretrained(..., safe_serialization=True).")
-    weights: TensorShapes = {}
-    for f in weight_files:
-        weights.update(safetensors_header(f, str(f)))
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise ExportError(f"{path}: no tokenizer.json; every build needs the tokenizer. Save the tokenizer into "
-                          "the checkpoint (tokenizer.save_pretrained(dir)).")
-    tok = _read_json(tokenizer_file, "tokenizer (tokenizer.json)")
+    try:
+        config = read_config(path)
+        model_type = str(config.get("model_type", ""))
+        if model_type == "gemma3" and "text_config" in config:
+            raise UnsupportedModelError(
+                f"{path}: this is the multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); export its "
+                "text model instead (a Gemma3ForCausalLM checkpoint, model_type gemma3_text)")
+        if model_type not in SUPPORTED_ARCHS:
+            raise UnsupportedModelError(
+                f"{path}: architecture {model_type or '(none)'!r} is not supported by the exporter; "
+                f"supported: {', '.join(SUPPORTED_ARCHS)}")
+        ckpt = inspect_checkpoint(path)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    assert ckpt.tokenizer_file is not None  # inspect_checkpoint requires one
+    tok = _read_json(ckpt.tokenizer_file, "tokenizer (tokenizer.json)")
     if "model" not in tok:
-        raise ExportError(f"{tokenizer_file}: not a tokenizers-library tokenizer.json (no 'model'); corrupt?")
+        raise ExportError(f"{ckpt.tokenizer_file}: not a tokenizers-library tokenizer.json (no 'model'); corrupt?")
     return BaseInfo(dir=path, config=config, model_type=model_type, arch=SUPPORTED_ARCHS[model_type],
-                    weights=weights, weight_files=weight_files, tokenizer_file=tokenizer_file)
+                    weights={name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()},
+                    weight_files=ckpt.weight_files, tokenizer_file=ckpt.tokenizer_file)
 
 
 def _module_of(name: str) -> tuple[str, str] | None:
@@ -210,9 +147,7 @@ def inspect_adapter(adapter: Any, base: BaseInfo, spec: LoraSpec | None = None) 
     if isinstance(adapter, (bytes, bytearray, memoryview)):
         data = bytes(adapter)
         tensors = safetensors_header(data, "the adapter body")
-        import hashlib
-
-        info = AdapterInfo(kind="cotune", sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, data=data)
+        info = AdapterInfo(kind="cotune", sha256=bytes_sha256(data), tensors=tensors, data=data)
     else:
         path = Path(adapter)
         if path.is_dir():
@@ -224,10 +159,10 @@ def inspect_adapter(adapter: Any, base: BaseInfo, spec: LoraSpec | None = None) 
                 raise ExportError(f"{path}: no adapter_model.safetensors (pickled adapter_model.bin is never loaded); "
                                   "save the adapter with save_pretrained(dir, safe_serialization=True)")
             tensors = safetensors_header(weights, str(weights))
-            info = AdapterInfo(kind="peft", sha256=file_digest(weights), tensors=tensors, path=path, peft_config=cfg)
+            info = AdapterInfo(kind="peft", sha256=file_sha256(weights), tensors=tensors, path=path, peft_config=cfg)
         elif path.is_file():
             tensors = safetensors_header(path, str(path))
-            info = AdapterInfo(kind="cotune", sha256=file_digest(path), tensors=tensors, path=path)
+            info = AdapterInfo(kind="cotune", sha256=file_sha256(path), tensors=tensors, path=path)
             spec = spec or adapter_spec_beside(path)
         else:
             raise ExportError(f"{path}: no such adapter (a peft adapter directory or a cotune adapter .safetensors)")

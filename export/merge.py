@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.checkpoint import TOKENIZER_FILES
 from export.errors import ExportError
 from export.inputs import AdapterInfo, BaseInfo
 
 if TYPE_CHECKING:
     import numpy as np
     from transformers import PreTrainedModel
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 @dataclass
 class LoraPair:
@@ -146,7 +144,7 @@ def save_untied_checkpoint(model: PreTrainedModel, tokenizer_dir: Path, out_dir:
     """Write an HF checkpoint whose output head is its own tensor (tie_word_embeddings=False).
 
     optimum keeps a tied embedding in fp32 and the int4 quantizer cannot reach the head;
-    untied, both quantize (DESIGN.md §8). The model itself is left as it was.
+    untied, both quantize (ARCHITECTURE.md, "Edge runtime and export"). The model itself is left as it was.
     """
     from safetensors.torch import save_file
 

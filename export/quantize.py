@@ -37,18 +37,23 @@ def native_output_to(log: Path) -> Iterator[None]:
                 os.close(fd)
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's llama_model_quantize from an f32/f16 GGUF to `quant` (q8_0, q4_k_m, ...)."""
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None, *, requantize: bool = False) -> None:
+    """llama.cpp's llama_model_quantize from an f32/f16 GGUF to `quant` (q8_0, q4_k_m, ...).
+
+    `requantize` takes an already quantized source (and allows f16/f32 targets): its weights are
+    dequantized first, so the result has the size and speed of `quant` but not its accuracy.
+    """
     import ctypes
 
     import llama_cpp
 
-    if quant not in GGUF_FTYPES or quant in ("f32", "f16"):
-        raise ExportError(f"cannot quantize to {quant!r}; choose one of "
-                          f"{', '.join(q for q in GGUF_FTYPES if q not in ('f32', 'f16'))}")
+    allowed = [q for q in GGUF_FTYPES if requantize or q not in ("f32", "f16")]
+    if quant not in allowed:
+        raise ExportError(f"cannot quantize to {quant!r}; choose one of {', '.join(allowed)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_FTYPES[quant]
     params.nthread = int(threads or 0)
+    params.allow_requantize = requantize
     log = dst.with_name(dst.name + ".log")
     with native_output_to(log):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))

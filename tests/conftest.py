@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -40,13 +42,10 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request: pytest.FixtureRequest, tmp_path):
-    """A fresh, empty state database: a SQLite file, or a new database on a real PostgreSQL
-    server (COTUNE_TEST_POSTGRES_URL, which .ci/run sets after starting one)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server named by COTUNE_TEST_POSTGRES_URL (which
+    .ci/run sets after starting one), dropped afterwards; the test is skipped without one."""
     server = os.environ.get("COTUNE_TEST_POSTGRES_URL")
     if not server:
         pytest.skip("no PostgreSQL server: set COTUNE_TEST_POSTGRES_URL (./dev.sh test starts one)")
@@ -59,6 +58,18 @@ def state_url(request: pytest.FixtureRequest, tmp_path):
     admin = make_url(server).set(drivername="postgresql")
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path):
+    """A fresh, empty state database: a SQLite file, or a new database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    with postgres_database() as url:
+        yield url

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.manifest import BuildManifest
 from cotune.demo.quickstart import child_env, cotune_cmd
 from tests.support import CoordinatorProcess, TinyWorld
 
@@ -24,9 +25,10 @@ class HetSlms:
 
 
 def build_het_slms(world: TinyWorld, root: Path) -> HetSlms:
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.tokenizer import save_tokenizer, train_tokenizer
     from common.records import read_jsonl
+    from cotune.demo.tiny import build_tiny_model
 
     tok_dir = world.root / "tokenizer"
     texts = [t for path in world.data.values() for r in read_jsonl(path) for t in (r.prompt, r.response)]
@@ -92,3 +94,17 @@ def run_devices(coord: CoordinatorProcess, world: TinyWorld, slms: list[Path | N
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def device_build(tmp: Path, k: int) -> BuildManifest | None:
+    """The edge build device k made of its own final SLM and reported (None: it said why not)."""
+    held = json.loads((tmp / f"device-{k}" / "final" / "final.json").read_text())
+    log = (tmp / f"device-{k}.log").read_text()
+    if held["build_dir"] is None:
+        assert "no edge builds made" in log, log[-3000:]
+        return None
+    manifest = BuildManifest.read(Path(held["build_dir"]))
+    assert manifest.adapter_sha256 == held["adapter_sha256"], "the build is not of the device's final adapter"
+    assert manifest.run_id == held["run_id"] and manifest.parity
+    assert f"edge build {Path(held['build_dir']).name} made in" in log and "and reported" in log, log[-3000:]
+    return manifest

@@ -25,9 +25,10 @@ class TinyWorld:
 
 def build_tiny_world(root: Path, num_clients: int = 2, seed: int = 0) -> TinyWorld:
     """Untrained tiny models and a small synthetic suite: enough to exercise every code path."""
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.tokenizer import save_tokenizer, train_tokenizer
     from cotune.demo.synthetic import all_text, make_suite, write_suite
+    from cotune.demo.tiny import build_tiny_model
 
     suite = make_suite(num_clients=num_clients, seed=seed, per_client=40, public_size=40,
                        aux_size=24, test_per_domain=3)

@@ -8,9 +8,10 @@ import time
 import httpx
 import pytest
 
-from edge_sdk.client import CoordinatorClient
 from common.manifest import BuildManifest
+from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import DeviceProfile
+from edge_sdk.client import CoordinatorClient
 from tests.support import CoordinatorProcess, run_spec
 from tests.test_faults import _updates
 
@@ -37,7 +38,7 @@ def test_builds_are_published_and_fitted_to_the_device(world, tmp_path) -> None:
         listing = a.builds(run_id)
         assert sorted(x.name for x in listing.builds) == ["gguf-f32", "onnx-fp32"]
         final = next(x["sha256"] for x in coord.status(run_id)["rounds"][-1]["artifacts"]
-                     if x["name"] == "slm/adapter.safetensors")
+                     if x["name"] == SLM_ADAPTER)
         for build in listing.builds:
             manifest = BuildManifest.model_validate(build.manifest)
             assert manifest.adapter_sha256 == final, "the build is of the final co-tuned adapter"

@@ -13,9 +13,11 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_sdk.client import CoordinatorClient, CoordinatorError
+from common.methods.contract import SLM_PREFIX
+from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_METRICS, META_NUM_SAMPLES, DeviceProfile
 from common.tensorfile import load_arrays, read_header, save_arrays
+from edge_sdk.client import CoordinatorClient, CoordinatorError
 from tests.support import CoordinatorProcess, run_spec
 
 LIMIT = 256 * 1024
@@ -45,7 +47,7 @@ def devices(coord):
 
 def _adapter(client: CoordinatorClient, run_id: str, tmp_path: Path) -> dict[str, np.ndarray]:
     info = client.current_round(run_id)
-    ref = next(r for r in info.artifacts if r.name == "slm/adapter.safetensors")
+    ref = next(r for r in info.artifacts if r.name == SLM_ADAPTER)
     path = client.download(ref, tmp_path / ref.sha256)
     return {k: np.array(v) for k, v in load_arrays(path).items()}
 
@@ -121,6 +123,9 @@ def test_bad_uploads_are_refused_and_change_nothing(coord, devices, tmp_path) ->
         ("Inf", _body(with_inf), a.token, ca.client_id, 422, "non_finite"),
         ("no sample count", save_arrays(good), a.token, ca.client_id, 422, "bad_metadata"),
         ("zero samples", _body(good, samples=0), a.token, ca.client_id, 422, "bad_metadata"),
+        ("metrics the method does not take",
+         save_arrays(good, {META_NUM_SAMPLES: "10", META_METRICS: json.dumps({"privacy": {"epsilon": "lots"}})}),
+         a.token, ca.client_id, 422, "bad_metadata"),
         ("too large", b"\0" * (LIMIT + 1), a.token, ca.client_id, 413, "too_large"),
     ]
     before = _num_updates(coord, run_id, 1)
@@ -184,7 +189,7 @@ def test_client_sees_only_its_own(coord, devices, tmp_path) -> None:
 
 def test_download_supports_range_and_checks_digest(coord, devices, tmp_path) -> None:
     a, ca = devices[0]
-    ref = next(r for r in a.current_round(ca.run_id).artifacts if r.name == "slm/model.safetensors")
+    ref = next(r for r in a.current_round(ca.run_id).artifacts if r.name == f"{SLM_PREFIX}/model.safetensors")
     full = httpx.get(f"{coord.url}/v1/artifacts/{ref.sha256}", headers={"Authorization": f"Bearer {a.token}"},
                      timeout=30).content
     part = httpx.get(f"{coord.url}/v1/artifacts/{ref.sha256}", timeout=30,

@@ -11,10 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_sdk.client import CoordinatorClient, CoordinatorError
-from edge_sdk.handlers.local_slm import describe_local_slm
+from common.checkpoint import describe_local_slm
+from common.methods.contract import LLM_PREFIX
+from common.methods.coplms import DPM_ADAPTER, PROXY_PREFIX
 from common.protocol import ClientRegistration
-from tests.hetero_support import HetSlms, build_het_slms, run_devices
+from edge_sdk.client import CoordinatorClient, CoordinatorError
+from tests.hetero_support import HetSlms, build_het_slms, device_build, run_devices
 from tests.support import CoordinatorProcess, TinyWorld, build_tiny_world, run_spec
 
 
@@ -55,29 +57,47 @@ def test_heterogeneous_devices_complete_co_plms_rounds(world3, slms, tmp_path) -
         aligned = {c["client_metrics"]["slm_arch"]: c["client_metrics"]["saml"]["aligned_vocab"] for c in clients}
         assert aligned == {"llama": [False, False], "gpt2": [False, False], "qwen2": [True, True]}
         # Whatever a device's own SLM, what it uploads is the proxy's adapter (plus a little metadata).
-        proxy_size = next(a["size"] for a in r["artifacts"] if a["name"] == "dpm/adapter.safetensors")
+        proxy_size = next(a["size"] for a in r["artifacts"] if a["name"] == DPM_ADAPTER)
         assert all(proxy_size <= c["bytes_up"] < proxy_size + 4096 for c in clients)
 
     final = {a["name"]: a["sha256"] for a in rounds[-1]["artifacts"]}
     first = {a["name"]: a["sha256"] for a in rounds[0]["artifacts"]}
-    assert final["dpm/adapter.safetensors"] != rounds[-1]["metrics"]["aggregate_sha256"], "proxy not distilled"
-    assert set(final) >= {"dpm/adapter.safetensors", "dpm/model.safetensors", "dpm/tokenizer.json"}
-    assert first["dpm/adapter.safetensors"] != final["dpm/adapter.safetensors"]
+    assert final[DPM_ADAPTER] != rounds[-1]["metrics"]["aggregate_sha256"], "proxy not distilled"
+    assert set(final) >= {DPM_ADAPTER, f"{PROXY_PREFIX}/model.safetensors", f"{PROXY_PREFIX}/tokenizer.json"}
+    assert first[DPM_ADAPTER] != final[DPM_ADAPTER]
 
     own_adapters = set()
     for k, arch in enumerate(("llama", "gpt2", "qwen2")):
         out = tmp_path / f"device-{k}" / "final"
         held = json.loads((out / "final.json").read_text())
         assert held["rounds_trained"] == [1, 2]
-        assert not any(a["name"].startswith("llm/") for a in held["artifacts"]), "a device saw the LLM's adapter"
+        seen = [a["name"] for a in held["artifacts"]]
+        assert not any(name.startswith(LLM_PREFIX + "/") for name in seen), "a device saw the LLM's adapter"
         # The final device model is its own SLM with its private adapter, next to the proxy.
         own = out / "slm" / "adapter.safetensors"
         assert hashlib.sha256(own.read_bytes()).hexdigest() == held["adapter_sha256"]
         assert json.loads((out / "slm" / "config.json").read_text())["model_type"] == arch
         proxy = out / "dpm" / "adapter.safetensors"
-        assert hashlib.sha256(proxy.read_bytes()).hexdigest() == final["dpm/adapter.safetensors"]
+        assert hashlib.sha256(proxy.read_bytes()).hexdigest() == final[DPM_ADAPTER]
         own_adapters.add(held["adapter_sha256"])
-    assert len(own_adapters) == 3 and final["dpm/adapter.safetensors"] not in own_adapters
+    assert len(own_adapters) == 3 and final[DPM_ADAPTER] not in own_adapters
+
+
+def test_devices_build_their_own_slm_when_the_run_asks(world3, slms, tmp_path) -> None:
+    pytest.importorskip("llama_cpp", reason="the export extra (llama-cpp-python) is not installed")
+    spec = _spec(world3, init_distill_epochs=0.0)
+    spec.update(name="coplms-builds", rounds=1, min_clients=2, builds=["gguf:f32"])
+    coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
+    try:
+        status = run_devices(coord, world3, [None, slms.gpt2], tmp_path)
+    finally:
+        coord.stop()
+    assert status["state"] == "finished", status.get("error")
+    # The proxy's llama base (device 0) exports; the exporter takes no gpt2, so device 1 says so
+    # and keeps its final adapter: a build never fails the run.
+    built = device_build(tmp_path, 0)
+    assert built is not None and built.architecture == "llama" and built.format == "gguf"
+    assert device_build(tmp_path, 1) is None
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +155,13 @@ def test_a_run_can_require_devices_to_bring_their_slm(coord_policy, world3, slms
 
 
 def test_bad_params_are_refused_when_the_run_is_created(coord_policy, world3) -> None:
-    for params, needle in (({"alpha": -1}, "params.alpha"), ({"no_such_knob": 1}, "params.no_such_knob"),
-                           ({"dst_epochs": 0, "saml_epochs": 0}, "would not train")):
+    cases = [({"alpha": -1}, "params.alpha", []), ({"no_such_knob": 1}, "params.no_such_knob", []),
+             ({"dst_epochs": 0, "saml_epochs": 0}, "would not train", []),
+             ({}, "builds: co-plms makes its builds on each device", ["gguf-lora"]),
+             ({}, "unknown export target", ["tflite:int8"])]
+    for params, needle, builds in cases:
         spec = _spec(world3, **params)
-        spec["name"] = "coplms-bad"
+        spec.update(name="coplms-bad", builds=builds)
         r = httpx.post(f"{coord_policy.url}/v1/runs", json=spec, headers=coord_policy.admin, timeout=60)
         assert r.status_code == 422, r.text
         assert needle in r.json()["detail"]["message"]

@@ -8,9 +8,10 @@ import time
 import httpx
 import numpy as np
 
-from edge_sdk.client import CoordinatorClient
+from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES, DeviceProfile
 from common.tensorfile import load_arrays, save_arrays
+from edge_sdk.client import CoordinatorClient
 from tests.support import CoordinatorProcess, run_spec
 
 
@@ -32,7 +33,7 @@ def test_kill_mid_round_then_resume(world, tmp_path, state_url) -> None:
         ca = a.register(spec["enroll_token"], "a", DeviceProfile())
         cb = b.register(spec["enroll_token"], "b", DeviceProfile())
         run_id = ca.run_id
-        ref = next(r for r in a.current_round(run_id).artifacts if r.name == "slm/adapter.safetensors")
+        ref = next(r for r in a.current_round(run_id).artifacts if r.name == SLM_ADAPTER)
         base = {k: np.array(v) for k, v in load_arrays(a.download(ref, tmp_path / "adapter")).items()}
         rng = np.random.default_rng(1)
         upd_a = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
@@ -53,7 +54,7 @@ def test_kill_mid_round_then_resume(world, tmp_path, state_url) -> None:
         assert summary["num_updates"] == 2
         assert summary["num_samples"] == 40
 
-        final = next(x for x in summary["artifacts"] if x["name"] == "slm/adapter.safetensors")
+        final = next(x for x in summary["artifacts"] if x["name"] == SLM_ADAPTER)
         blob = httpx.get(f"{coord.url}/v1/artifacts/{final['sha256']}", headers=coord.admin, timeout=30)
         path = tmp_path / "final.safetensors"
         path.write_bytes(blob.content)

@@ -8,9 +8,10 @@ import json
 import httpx
 import pytest
 
-from edge_sdk.handlers.local_slm import describe_local_slm
-from common.ml.synthetic_set import samples_from_bytes
-from tests.hetero_support import HetSlms, build_het_slms, run_devices
+from common.checkpoint import describe_local_slm
+from common.methods.contract import LLM_PREFIX
+from common.methods.crosslm import SELECTED, SYNTHETIC, samples_from_bytes
+from tests.hetero_support import HetSlms, build_het_slms, device_build, run_devices
 from tests.support import CoordinatorProcess, TinyWorld, build_tiny_world, run_spec
 
 
@@ -38,7 +39,7 @@ def test_heterogeneous_devices_complete_crosslm_rounds(world3, slms, tmp_path) -
         blobs = {}
         for r in status["rounds"]:
             for a in r["artifacts"]:
-                if a["name"].startswith("crosslm/"):
+                if a["name"] in (SYNTHETIC, SELECTED):
                     data = httpx.get(f"{coord.url}/v1/artifacts/{a['sha256']}", headers=coord.admin, timeout=30)
                     blobs[(r["round"], a["name"])] = samples_from_bytes(data.content)
     finally:
@@ -62,10 +63,10 @@ def test_heterogeneous_devices_complete_crosslm_rounds(world3, slms, tmp_path) -
     assert all(c["client_metrics"]["selected_used"] == rounds[0]["metrics"]["crosslm"]["selected"]
                for c in r2_clients)
     # A round's outputs hold what it selected and the synthetic set written for the next round.
-    selected = blobs[(2, "crosslm/selected.jsonl")]
+    selected = blobs[(2, SELECTED)]
     assert len({s.group for s in selected}) == len(selected)
     assert all(s.score is not None and s.score >= 0.0 for s in selected)
-    scored_in_round_2 = {(s.record.prompt, s.record.response) for s in blobs[(1, "crosslm/synthetic.jsonl")]}
+    scored_in_round_2 = {(s.record.prompt, s.record.response) for s in blobs[(1, SYNTHETIC)]}
     assert {(s.record.prompt, s.record.response) for s in selected} <= scored_in_round_2
 
     first_llm = rounds[0]["metrics"]["llm"]
@@ -74,9 +75,24 @@ def test_heterogeneous_devices_complete_crosslm_rounds(world3, slms, tmp_path) -
         out = tmp_path / f"device-{k}" / "final"
         held = json.loads((out / "final.json").read_text())
         assert held["rounds_trained"] == [1, 2]
-        assert not any(a["name"].startswith("llm/") for a in held["artifacts"]), "a device saw the LLM's adapter"
+        seen = [a["name"] for a in held["artifacts"]]
+        assert not any(name.startswith(LLM_PREFIX + "/") for name in seen), "a device saw the LLM's adapter"
         assert json.loads((out / "slm" / "config.json").read_text())["model_type"] == arch
         assert (out / "slm" / "adapter.safetensors").is_file()
+
+
+def test_devices_build_their_own_slm_when_the_run_asks(world3, slms, tmp_path) -> None:
+    pytest.importorskip("llama_cpp", reason="the export extra (llama-cpp-python) is not installed")
+    spec = _spec(world3)
+    spec.update(name="crosslm-builds", rounds=1, min_clients=2, builds=["gguf:f32"])
+    coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
+    try:
+        status = run_devices(coord, world3, [None, slms.qwen2], tmp_path)
+    finally:
+        coord.stop()
+    assert status["state"] == "finished", status.get("error")
+    archs = [device_build(tmp_path, k) for k in range(2)]
+    assert [m.architecture if m else None for m in archs] == ["llama", "qwen2"]
 
 
 def test_crosslm_join_and_spec_checks(world3, slms, tmp_path) -> None:
@@ -98,6 +114,9 @@ def test_crosslm_join_and_spec_checks(world3, slms, tmp_path) -> None:
         bad = dict(spec, name="crosslm-dp", privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
         r = httpx.post(f"{coord.url}/v1/runs", json=bad, headers=coord.admin, timeout=60)
         assert r.status_code == 422 and "privacy" in r.json()["detail"]["message"]
+        lora_build = dict(spec, name="crosslm-lora-build", builds=["gguf-lora"])
+        r = httpx.post(f"{coord.url}/v1/runs", json=lora_build, headers=coord.admin, timeout=60)
+        assert r.status_code == 422 and "not gguf-lora" in r.json()["detail"]["message"]
         no_llm = dict(spec, name="crosslm-no-llm", llm=None)
         r = httpx.post(f"{coord.url}/v1/runs", json=no_llm, headers=coord.admin, timeout=60)
         assert r.status_code == 422 and "LLM" in r.json()["detail"]["message"]
@@ -121,13 +140,13 @@ def test_selection_and_likelihood_weights() -> None:
 def test_device_scores_prefer_what_its_slm_learned(world3) -> None:
     """A device's score is higher for an answer its SLM learned than for a wrong one, and its
     weight is its share of data in the sample's domain."""
-    from edge_sdk.handlers.crosslm import domain_weights
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import attach_lora
     from common.ml.scoring import plausibility
-    from common.ml.tiny import load_checkpoint
     from common.ml.train import train_lora
     from common.protocol import LoraSpec, TrainSpec
     from common.records import TaskRecord, read_jsonl
+    from edge_sdk.handlers.crosslm import domain_weights
 
     records = read_jsonl(world3.data["client_0"])[:8]
     model, tok = load_checkpoint(world3.slm_dir)

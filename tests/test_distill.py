@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from cloud.training.distill import mutual_distillation
 from common.ml.kd import kd_loss
 from common.ml.lora import attach_lora
-from common.ml.tiny import build_tiny_model
 from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
 from common.protocol import DistillSpec, LoraSpec
 from cotune.demo.synthetic import all_text, make_suite
+from cotune.demo.tiny import build_tiny_model
 
 VOCAB = 512
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import httpx
 
-from cotune.demo.quickstart import child_env
 from common.manifest import BuildManifest
+from common.methods import fedcollm
 from common.ml.batching import format_prompt
+from cotune.demo.quickstart import child_env
 from edge_sdk.runtime import EdgeModel
 from tests.support import CoordinatorProcess, join_cmd, run_spec
 
@@ -70,11 +71,11 @@ def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
 
     final = {a["name"]: a["sha256"] for a in rounds[-1]["artifacts"]}
     first = {a["name"]: a["sha256"] for a in rounds[0]["artifacts"]}
-    server_slm = final["slm/adapter.safetensors"]
+    server_slm = final[fedcollm.SLM_ADAPTER]
     # The SLM adapter the devices get is the distilled one, not the plain FedAvg aggregate,
     # and the LLM's own adapter moved too.
     assert server_slm != rounds[-1]["metrics"]["aggregate_sha256"]
-    assert final["llm/adapter.safetensors"] != first["llm/adapter.safetensors"]
+    assert final[fedcollm.LLM_ADAPTER] != first[fedcollm.LLM_ADAPTER]
     for k in range(2):
         held = json.loads((tmp_path / f"device-{k}" / "final" / "final.json").read_text())
         assert held["adapter_sha256"] == server_slm

@@ -38,8 +38,8 @@ def test_gemma_tokenizer_matches_llama_cpp(gemma: Path) -> None:
 
 def test_gemma_export_with_adapter(gemma: Path, tmp_path: Path) -> None:
     from common.manifest import BuildManifest
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from common.ml.tiny import load_checkpoint
     from common.ml.train import train_lora
     from common.protocol import LoraSpec, TrainSpec
     from common.records import TaskRecord

@@ -62,8 +62,8 @@ def test_peft_directory_and_adapter_info_and_base_only(world: tuple[Path, Path, 
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import attach_lora
-    from common.ml.tiny import load_checkpoint
 
     base, adapter, spec = world
     # The same adapter as a peft save_pretrained directory.

@@ -32,7 +32,8 @@ def tiny_checkpoint(root: Path, arch: str = "llama", *, vocab_size: int = 512, s
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
+    from cotune.demo.tiny import build_tiny_model
 
     if config is None:
         model = build_tiny_model(arch, "tiny", vocab_size=vocab_size, seed=seed)
@@ -52,8 +53,8 @@ def tiny_adapter(checkpoint: Path, out: Path, *, r: int = 4, targets: tuple[str,
     """A cotune adapter file for `checkpoint` with non-zero B (so merging changes the model), and its LoraSpec."""
     import torch
 
+    from common.ml.checkpoint import load_checkpoint
     from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-    from common.ml.tiny import load_checkpoint
     from common.protocol import LoraSpec
 
     model, _ = load_checkpoint(checkpoint)

@@ -30,8 +30,8 @@ def sample_texts() -> list[str]:
 
 def gguf_for(tok_dir: Path, out: Path) -> Path:
     """A tiny llama GGUF carrying the tokenizer in `tok_dir` (only its vocabulary matters here)."""
-    from common.ml.tiny import build_tiny_model
     from common.ml.tokenizer import load_hf_tokenizer
+    from cotune.demo.tiny import build_tiny_model
     from export.gguf_tokenizer import vocab_from_tokenizer
     from export.gguf_writer import write_gguf
 

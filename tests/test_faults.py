@@ -13,10 +13,12 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_sdk.client import CoordinatorClient, CoordinatorError
+from common.methods.contract import SLM_PREFIX
+from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES
 from common.retry import Backoff
 from common.tensorfile import load_arrays, save_arrays
+from edge_sdk.client import CoordinatorClient, CoordinatorError
 from tests.support import CoordinatorProcess, run_spec
 
 
@@ -32,7 +34,7 @@ def _wait(coord: CoordinatorProcess, run_id: str, until, timeout: float = 180) -
 
 def _updates(client: CoordinatorClient, run_id: str, tmp_path: Path, seeds: list[int]) -> list[bytes]:
     """Deterministic updates built from the round's adapter (no training needed)."""
-    ref = next(r for r in client.current_round(run_id).artifacts if r.name == "slm/adapter.safetensors")
+    ref = next(r for r in client.current_round(run_id).artifacts if r.name == SLM_ADAPTER)
     base = {k: np.array(v) for k, v in load_arrays(client.download(ref, tmp_path / ref.sha256)).items()}
     bodies = []
     for seed in seeds:
@@ -43,7 +45,7 @@ def _updates(client: CoordinatorClient, run_id: str, tmp_path: Path, seeds: list
 
 
 def _final_slm(status: dict) -> str:
-    return next(a["sha256"] for a in status["rounds"][-1]["artifacts"] if a["name"] == "slm/adapter.safetensors")
+    return next(a["sha256"] for a in status["rounds"][-1]["artifacts"] if a["name"] == SLM_ADAPTER)
 
 
 def _fedcollm_run(world, tmp_path: Path, name: str, failpoints: list[str]) -> str:
@@ -182,7 +184,7 @@ def test_dropped_download_resumes_with_range(fedavg_coord, tmp_path) -> None:
     coord = fedavg_coord
     direct = CoordinatorClient(coord.url)
     creds = direct.register(coord.run["enroll_token"], "far-away")
-    ref = next(r for r in direct.current_round(creds.run_id).artifacts if r.name == "slm/model.safetensors")
+    ref = next(r for r in direct.current_round(creds.run_id).artifacts if r.name == f"{SLM_PREFIX}/model.safetensors")
     proxy = _CuttingProxy(coord.port, cut_after=ref.size // 2)
     via_proxy = CoordinatorClient(f"http://127.0.0.1:{proxy.port}", token=direct.token,
                                   backoff=Backoff(max_tries=4, base_s=0.05))

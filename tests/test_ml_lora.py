@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.ml.batching import collate, encode_sft, format_prompt, iterate_batches
+from common.ml.checkpoint import load_checkpoint, save_checkpoint
 from common.ml.lora import (
     adapter_from_bytes,
     adapter_state,
@@ -16,11 +17,11 @@ from common.ml.lora import (
     attach_lora,
     load_adapter_state,
 )
-from common.ml.tiny import build_tiny_model, load_checkpoint, save_checkpoint
 from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
 from common.protocol import LoraSpec
 from common.records import TaskRecord
 from cotune.demo.synthetic import all_text, make_suite
+from cotune.demo.tiny import build_tiny_model
 
 VOCAB = 512
 

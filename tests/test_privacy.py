@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from common.protocol import ClientTask, LoraSpec, PrivacySpec, RoundInfo, RoundState, RunState, TrainSpec
 from edge_sdk.handlers.lora_sft import privatize_update
 from edge_sdk.privacy import gaussian_epsilon, l2_norm, privatize
-from common.protocol import ClientTask, LoraSpec, PrivacySpec, RoundInfo, RoundState, RunState, TrainSpec
 
 
 def _arrays(scale: float, seed: int = 0) -> dict[str, np.ndarray]:

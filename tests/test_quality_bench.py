@@ -15,8 +15,9 @@ from tests.support import build_tiny_world
 
 
 def _tiny_bench_world(root: Path) -> BenchWorld:
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.records import TaskRecord, read_jsonl, write_jsonl
+    from cotune.demo.tiny import build_tiny_model
 
     world = build_tiny_world(root, num_clients=NUM_CLIENTS)
     tok = root / "tokenizer"

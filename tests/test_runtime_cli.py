@@ -9,15 +9,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.test_runtime_onnx import make_tiny_checkpoint
+from tests.test_runtime_onnx import make_onnx_build, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from benchmarks.latency import make_onnx_build
-
     root = tmp_path_factory.mktemp("cli")
-    return make_onnx_build(make_tiny_checkpoint(root), root / "onnx-fp32", "fp32")
+    return make_onnx_build(make_tiny_checkpoint(root), root)
 
 
 def _app() -> typer.Typer:

@@ -127,14 +127,13 @@ def test_lora_swap_without_reloading_the_base(builds: dict[str, Path]) -> None:
 
 def test_adapter_loaded_onto_a_plain_base_build(builds: dict[str, Path], tmp_path: Path) -> None:
     """The adapter alone (a gguf-lora build without the base file) onto a separately loaded base."""
-    from benchmarks.latency import write_manifest
     from edge_sdk import EdgeModel
     from edge_sdk.runtime import AdapterError, UnsupportedBuildError
+    from export.prebuilt import gguf_build
 
     base_build = tmp_path / "base"
-    base_build.mkdir()
-    shutil.copy2(builds["gguf-lora-f32"] / "base.gguf", base_build / "model.gguf")
-    write_manifest(base_build, "gguf", "f32", "llama", "model.gguf", "tiny")
+    gguf_build(builds["gguf-lora-f32"] / "base.gguf", base_build, quantization="f32", architecture="llama",
+               base_model="tiny")
     adapter_only = tmp_path / "adapter"
     adapter_only.mkdir()
     shutil.copy2(builds["gguf-lora-f32"] / "adapter.gguf", adapter_only / "adapter.gguf")
@@ -186,14 +185,14 @@ def test_prompt_longer_than_the_context(builds: dict[str, Path]) -> None:
 
 def test_missing_and_corrupt_gguf(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from benchmarks.latency import write_manifest
     from edge_sdk import EdgeModel
     from edge_sdk.runtime import ModelFileError
+    from export.prebuilt import gguf_build
 
     build = tmp_path / "bad"
-    build.mkdir()
-    (build / "model.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 4000)
-    write_manifest(build, "gguf", "q4_k_m", "llama", "model.gguf", "nothing")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 4000)
+    gguf_build(bad, build, quantization="q4_k_m", architecture="llama", base_model="nothing")
     with pytest.raises(ModelFileError, match="llama.cpp could not load .*model.gguf"):
         EdgeModel.load(build)
     (build / "model.gguf").write_bytes(b"PK\x03\x04" + b"\0" * 4004)
@@ -221,13 +220,12 @@ def test_garbage_adapter_is_a_clear_error(builds: dict[str, Path], tmp_path: Pat
 @pytest.fixture(scope="module")
 def gemma_gguf() -> Path:
     pytest.importorskip("llama_cpp")
-    try:
-        from benchmarks.latency import gemma_gguf as assemble
-    except ImportError as exc:  # pragma: no cover
-        pytest.skip(str(exc))
+    from export import ExportError
+    from export.gemma import gemma_gguf as assemble
+
     try:
         return assemble()
-    except FileNotFoundError as exc:
+    except ExportError as exc:
         pytest.skip(f"Gemma 3 270M is not available: {exc}")
 
 
@@ -249,8 +247,8 @@ def test_gemma_generates_and_streams(gemma_gguf: Path) -> None:
 def test_gemma_parity_with_onnx_on_the_same_weights(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Gemma's f32 weights (dequantized from the Q4_K_M GGUF) as GGUF f32 and ONNX fp32: same greedy tokens."""
     export_builds = _exporter()
-    from benchmarks.latency import gemma_checkpoint
     from edge_sdk import EdgeModel
+    from export.gemma import gemma_checkpoint
 
     out = tmp_path_factory.mktemp("gemma-parity")
     export_builds(gemma_checkpoint(), None, ["gguf:f32", "onnx:fp32"], out, progress=False)

@@ -17,22 +17,28 @@ TEXTS = [f"the river lock {i} was opened at dawn and closed at dusk by keeper {i
 
 
 def make_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
-    from common.ml.tiny import build_tiny_model, save_checkpoint
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.tokenizer import train_tokenizer
+    from cotune.demo.tiny import build_tiny_model
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=384)
     model = build_tiny_model("llama", "tiny", vocab_size=tokenizer.get_vocab_size(), seed=seed, max_positions=256)
     return save_checkpoint(model, tokenizer, root / "hf")
 
 
+def make_onnx_build(hf: Path, root: Path) -> Path:
+    """The checkpoint as an onnx:fp32 build, made by the exporter (parity gate included)."""
+    from export.pipeline import export_builds
+
+    (result,) = export_builds(hf, None, "onnx:fp32", root / "builds", progress=False)
+    return result.path
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from benchmarks.latency import make_onnx_build
-
     root = tmp_path_factory.mktemp("tiny-onnx")
     hf = make_tiny_checkpoint(root)
-    onnx = make_onnx_build(hf, root / "onnx-fp32", "fp32", base_model="tiny")
-    return {"hf": hf, "onnx": onnx, "root": root}
+    return {"hf": hf, "onnx": make_onnx_build(hf, root), "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tests.test_runtime_onnx import make_tiny_checkpoint
+from tests.test_runtime_onnx import make_onnx_build, make_tiny_checkpoint
 
 TOKEN = "device-token-0123456789"
 
@@ -64,11 +64,10 @@ def coordinator():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
-    from benchmarks.latency import make_onnx_build
     from edge_sdk import EdgeModel
 
     root = tmp_path_factory.mktemp("router")
-    build = make_onnx_build(make_tiny_checkpoint(root), root / "onnx-fp32", "fp32")
+    build = make_onnx_build(make_tiny_checkpoint(root), root)
     with EdgeModel.load(build, threads=1) as m:
         yield m
 

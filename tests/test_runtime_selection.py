@@ -88,5 +88,7 @@ def test_unknown_profile_fields_do_not_exclude() -> None:
 
 
 def test_defaults_to_this_machine() -> None:
-    chosen = choose_build(BUILDS)
+    from edge_sdk.runtime import choose_build as choose_here
+
+    chosen = choose_here(BUILDS)
     assert chosen.format in ("gguf", "onnx")

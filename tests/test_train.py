@@ -9,11 +9,11 @@ import torch
 from common.ml.batching import _special_ids, collate, encode_sft
 from common.ml.evaluate import evaluate, generate_greedy
 from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-from common.ml.tiny import build_tiny_model, pretrain
 from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
 from common.ml.train import _response_ce, train_lora
 from common.protocol import LoraSpec, TrainSpec
 from cotune.demo.synthetic import all_text, make_suite
+from cotune.demo.tiny import build_tiny_model, pretrain
 
 VOCAB = 512
 SPEC = TrainSpec(epochs=20.0, lr=1e-2, batch_size=8, max_len=48, max_steps=25)

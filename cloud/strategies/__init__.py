@@ -1,23 +1,22 @@
-"""Server-side co-tuning strategies behind one small interface (see base.py)."""
+"""Server-side co-tuning strategies behind one small interface (see base.py). Which class
+runs a method is the method registry's to say (common.methods; ARCHITECTURE.md, "Methods")."""
 
 from __future__ import annotations
 
-from cloud.strategies.base import SpecError, StepResult, Strategy, UpdateFile, weighted_mean
-from cloud.strategies.coplms import CoPlms
-from cloud.strategies.crosslm import CrossLm
-from cloud.strategies.fedavg import FedAvg
-from cloud.strategies.fedcollm import FedCoLLM
-
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedCoLLM, CoPlms, CrossLm)}
+from cloud.strategies.base import ServedModel, SpecError, StepResult, Strategy, UpdateFile, weighted_mean
+from common.methods import UnknownMethodError, get_method
 
 
 def strategy_class(algorithm: str) -> type[Strategy]:
+    """The strategy registered for `algorithm` (RunSpec.algorithm); SpecError when none is."""
     try:
-        return STRATEGIES[algorithm]
-    except KeyError:
-        raise SpecError(
-            f"unknown algorithm {algorithm!r}; choose one of {', '.join(sorted(STRATEGIES))}"
-        ) from None
+        method = get_method(algorithm)
+    except UnknownMethodError as exc:
+        raise SpecError(str(exc)) from None
+    cls = method.strategy_class()
+    if getattr(cls, "contract", None) is not method.contract:
+        raise TypeError(f"{method.strategy} does not implement method {algorithm!r}: its `contract` is another")
+    return cls
 
 
-__all__ = ["STRATEGIES", "SpecError", "StepResult", "Strategy", "UpdateFile", "strategy_class", "weighted_mean"]
+__all__ = ["ServedModel", "SpecError", "StepResult", "Strategy", "UpdateFile", "strategy_class", "weighted_mean"]

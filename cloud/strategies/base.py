@@ -2,24 +2,29 @@
 
 The coordinator core (cloud/service.py, cloud/rounds.py) only ever calls these methods:
 it knows nothing of LoRA, distillation or models. A round's artifacts are a mapping
-name -> sha256; names under `slm/` are what devices may download, everything else stays
-on the server (e.g. the LLM's adapter).
+name -> sha256; which names devices may download, which one they upload a new version of,
+where the LLM's adapter and the exportable SLM are, all come from the method's contract
+(common.methods; ARCHITECTURE.md, "Methods").
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from cloud.models import ModelHolder
 from cloud.store import BlobStore
+from common.methods import MethodContract
 from common.protocol import ClientRegistration, ClientTask, LoraSpec, RunSpec
 from common.tensorfile import Schema, check_schema, load_arrays, read_header, schema_of
+
+P = TypeVar("P", bound=BaseModel)
 
 
 class SpecError(ValueError):
@@ -48,19 +53,63 @@ class UpdateFile:
     num_samples: int
 
 
-class Strategy(ABC):
-    name: ClassVar[str]
-    # The artifact every client trains and uploads a new version of.
-    update_artifact: ClassVar[str] = "slm/adapter.safetensors"
+def parse_params(model: type[P], params: dict[str, Any], algorithm: str) -> P:
+    """Validate `RunSpec.params` into `model`; SpecError listing every problem otherwise."""
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        problems = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"{algorithm}: {problems}") from None
 
-    def __init__(self, spec: RunSpec, store: BlobStore) -> None:
+
+class Strategy(ABC):
+    """One method's server side. Subclasses set `contract`; `name`, `task_kind` and
+    `update_artifact` follow from it."""
+
+    contract: ClassVar[MethodContract]
+    name: ClassVar[str]
+    task_kind: ClassVar[str]
+    update_artifact: ClassVar[str]
+    # `RunSpec.params`: the contract's device params plus any server-only settings.
+    params_model: ClassVar[type[BaseModel] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        contract = cls.__dict__.get("contract")
+        if contract is not None:
+            cls.name, cls.task_kind, cls.update_artifact = contract.name, contract.task_kind, contract.update_artifact
+
+    def __init__(self, spec: RunSpec, store: BlobStore, holder: ModelHolder | None = None) -> None:
         self.spec = spec
         self.store = store
+        self.holder = holder if holder is not None else ModelHolder(store)
+        self.params = parse_params(self.run_params(), spec.params, self.name)
+
+    @classmethod
+    def run_params(cls) -> type[BaseModel]:
+        return cls.params_model or cls.contract.params
 
     @classmethod
     def check_spec(cls, spec: RunSpec) -> None:
         """Raise SpecError before anything is created if the spec cannot run."""
-        return None
+        parse_params(cls.run_params(), spec.params, cls.name)
+        cls.check_builds(spec.builds)
+
+    @classmethod
+    def check_builds(cls, builds: Sequence[str]) -> None:
+        """Refuse build targets that do not parse or that this method cannot make."""
+        if not builds:
+            return
+        from export.errors import ExportError
+        from export.targets import parse_targets
+
+        try:
+            targets = parse_targets(list(builds))
+        except ExportError as exc:
+            raise SpecError(f"builds: {exc}") from None
+        problem = cls.contract.build_problem(t.format for t in targets)
+        if problem is not None:
+            raise SpecError(f"builds: {problem}")
 
     @abstractmethod
     def initial_inputs(self) -> dict[str, str]:
@@ -70,9 +119,6 @@ class Strategy(ABC):
         """Scores of the starting models (round 0 of the report)."""
         return {}
 
-    # The device-side handler this strategy's rounds need (edge_sdk.handlers).
-    task_kind: ClassVar[str] = "lora_sft"
-
     def check_join(self, registration: ClientRegistration) -> None:
         """Raise SpecError, saying why, if this device cannot take part in the run."""
         if self.task_kind not in registration.task_kinds:
@@ -81,12 +127,19 @@ class Strategy(ABC):
                 f"{registration.task_kinds}; upgrade cotune on the device"
             )
 
-    @staticmethod
-    def client_visible(name: str) -> bool:
-        return name.startswith("slm/")
+    @classmethod
+    def client_visible(cls, name: str) -> bool:
+        return cls.contract.client_visible(name)
 
-    @abstractmethod
-    def client_task(self, round_number: int) -> ClientTask: ...
+    def round_seed(self, round_number: int) -> int:
+        return self.spec.seed * 100_003 + round_number
+
+    def client_task(self, round_number: int) -> ClientTask:
+        # Devices make the builds only where the method's SLM lives on them.
+        builds = list(self.spec.builds) if self.contract.builds_on == "device" else []
+        return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
+                          seed=self.round_seed(round_number), params=self.contract.device_params(self.params),
+                          privacy=self.spec.privacy, builds=builds)
 
     def update_schema(self, inputs: dict[str, str]) -> Schema:
         """Uploads must have exactly the tensors of the adapter the round published."""
@@ -95,31 +148,43 @@ class Strategy(ABC):
     def aggregate(self, updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:
         return weighted_mean(updates, schema)
 
-    # -- what the coordinator core asks instead of knowing artifact names ---------------------
-
-    def llm_adapter(self, outputs: dict[str, str]) -> ServedModel | None:
-        """The co-tuned LLM that answers /v1/generate, given a round's outputs; None if the
-        method holds no LLM."""
-        return None
-
-    def exportable_model(self, outputs: dict[str, str]) -> ServedModel | None:
-        """The model the coordinator exports to edge builds; None when the method's builds
-        are made on the devices (their SLM never leaves them)."""
-        return None
-
-    def device_metrics_schema(self) -> type[BaseModel]:
-        """The pydantic model a device's update metrics must validate against."""
-        return BaseModel
-
-    def round_metrics(self, device_metrics: list[dict[str, Any]]) -> dict[str, Any]:
-        """Round-level figures from the devices' (validated) metrics, e.g. the worst epsilon."""
-        return {}
-
     @abstractmethod
     def server_step(
         self, round_number: int, inputs: dict[str, str], aggregate_digest: str
     ) -> StepResult:
         """Turn the aggregate into the next round's inputs (and metrics)."""
+
+    # -- what the coordinator core asks instead of knowing artifact names ---------------------
+
+    def llm_adapter(self, outputs: dict[str, str]) -> ServedModel | None:
+        """The co-tuned LLM that answers /v1/generate, given a round's outputs; None if the
+        method holds no LLM."""
+        name = self.contract.llm_adapter
+        if name is None or self.spec.llm is None or name not in outputs:
+            return None
+        return ServedModel(self.spec.llm, self.spec.lora, self.spec.seed, outputs[name])
+
+    def exportable_model(self, outputs: dict[str, str]) -> ServedModel | None:
+        """The model the coordinator exports to edge builds; None when the method's builds
+        are made on the devices (their SLM never leaves them)."""
+        name = self.contract.export_adapter
+        if self.contract.builds_on != "server" or name is None or name not in outputs:
+            return None
+        return ServedModel(self.spec.slm, self.spec.lora, self.spec.seed, outputs[name])
+
+    def device_metrics_schema(self) -> type[BaseModel]:
+        """The pydantic model a device's update metrics must validate against."""
+        return self.contract.device_metrics
+
+    def round_metrics(self, device_metrics: Sequence[Mapping[str, Any] | BaseModel]) -> dict[str, Any]:
+        """Round-level figures from the devices' (validated) metrics: the worst epsilon spent."""
+        epsilons = []
+        for metrics in device_metrics:
+            data = metrics.model_dump() if isinstance(metrics, BaseModel) else metrics
+            privacy = data.get("privacy")
+            if isinstance(privacy, Mapping) and privacy.get("epsilon") is not None:
+                epsilons.append(privacy["epsilon"])
+        return {"privacy_epsilon_max": max(epsilons)} if epsilons else {}
 
 
 def weighted_mean(updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:

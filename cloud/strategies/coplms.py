@@ -1,5 +1,5 @@
 """Co-PLMs, following the Co-PLMs design (Liu et al., arXiv 2511.11678) as reconstructed
-from its abstract in DESIGN.md §5: structure-agnostic co-tuning through a shared proxy.
+from its abstract (ARCHITECTURE.md, "Methods"): structure-agnostic co-tuning through a shared proxy.
 
 - The run's `slm` checkpoint is the distilled proxy model (DPM) every device shares. At run
   creation its LoRA adapter is distilled from the LLM on the auxiliary data.
@@ -9,6 +9,7 @@ from its abstract in DESIGN.md §5: structure-agnostic co-tuning through a share
 - Devices upload only the proxy's adapter. The server averages it, runs FedCoLLM's mutual
   distillation between the LLM (+ its own LoRA) and the averaged proxy on the auxiliary
   data, and broadcasts the proxy's adapter (`dpm/`).
+- A device's own SLM never leaves it: edge builds of it are made on the device.
 
 Tokenizers: server-side distillation is token-level, so the LLM and the proxy must share a
 tokenizer. A device SLM with another tokenizer is taken when `params.vocab_alignment` is on
@@ -25,17 +26,14 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from cloud.models import checkpoint_files, publish_checkpoint, tokenizer_digest
+from cloud.models import publish_checkpoint
 from cloud.strategies.base import SpecError, StepResult
-from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
-from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
-from edge_sdk.handlers.coplms import PROXY_PREFIX, CoPlmsDeviceParams
-from common.protocol import ClientRegistration, ClientTask, RunSpec
-
-DPM_ADAPTER = f"{PROXY_PREFIX}/adapter.safetensors"
-LLM_ADAPTER = "llm/adapter.safetensors"
-# Server-only: the report of the proxy's initial distillation, kept for round 0's metrics.
-INIT_REPORT = "coplms/init_distill.json"
+from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm
+from cloud.strategies.slm_lora import SlmLoraStrategy, check_jsonl, check_llm, same_tokenizer
+from common.checkpoint import read_config, tokenizer_digest
+from common.methods import coplms
+from common.methods.coplms import DPM_ADAPTER, INIT_REPORT, LLM_ADAPTER, PROXY_PREFIX, CoPlmsDeviceParams
+from common.protocol import ClientRegistration, RunSpec
 
 
 class CoPlmsParams(CoPlmsDeviceParams, SlmJoinPolicy):
@@ -48,50 +46,25 @@ class CoPlmsParams(CoPlmsDeviceParams, SlmJoinPolicy):
     init_distill_epochs: float = Field(
         1.0, ge=0, description="epochs distilling the LLM into the proxy's adapter at run creation (0: none)")
 
-    def device(self) -> dict[str, Any]:
-        return self.model_dump(include=set(CoPlmsDeviceParams.model_fields))
-
-
-def _read_config(ckpt_dir: str) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / "config.json").read_text())
-
 
 class CoPlms(SlmLoraStrategy):
-    name = "co-plms"
-    task_kind = "coplms"
-    update_artifact = DPM_ADAPTER
-
-    def __init__(self, spec: RunSpec, store: Any, holder: Any = None) -> None:
-        super().__init__(spec, store, holder)
-        self.params = parse_params(CoPlmsParams, spec.params, self.name)
+    contract = coplms.CONTRACT
+    params_model = CoPlmsParams
+    params: CoPlmsParams
 
     @classmethod
     def check_spec(cls, spec: RunSpec) -> None:
         super().check_spec(spec)
-        params = parse_params(CoPlmsParams, spec.params, cls.name)
+        params = CoPlmsParams.model_validate(spec.params)
         if params.saml_epochs == 0 and params.dst_epochs == 0:
             raise SpecError("co-plms: params.dst_epochs and params.saml_epochs are both 0; devices would not train")
-        if spec.llm is None:
-            raise SpecError("co-plms needs an LLM: set `llm` to its checkpoint directory")
-        try:
-            checkpoint_files(Path(spec.llm))
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"llm: {exc}") from None
-        _check_jsonl(spec.aux_data, "aux_data", required=True)
-        if tokenizer_digest(Path(spec.llm)) != tokenizer_digest(Path(spec.slm)):
+        check_llm(spec, cls.name)
+        check_jsonl(spec.aux_data, "aux_data", required=True)
+        if not same_tokenizer(spec.llm, spec.slm):
             raise SpecError(
                 "co-plms distils between the LLM and the proxy model (`slm`) token by token on the server, "
                 "so those two must share one tokenizer; their tokenizer.json files differ"
             )
-
-    @staticmethod
-    def client_visible(name: str) -> bool:
-        return name.startswith(PROXY_PREFIX + "/")
-
-    def client_task(self, round_number: int) -> ClientTask:
-        return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
-                          seed=self.round_seed(round_number), params=self.params.device(),
-                          privacy=self.spec.privacy)
 
     @cached_property
     def proxy_tokenizer(self) -> str:
@@ -111,7 +84,7 @@ class CoPlms(SlmLoraStrategy):
                     f"{slm.tokenizer_sha256}. Use an SLM trained with the run's tokenizer."
                 )
             return
-        proxy_vocab = int(_read_config(self.spec.slm).get("vocab_size", 0))
+        proxy_vocab = int(read_config(self.spec.slm).get("vocab_size", 0))
         if slm.vocab_size != proxy_vocab:
             raise SpecError(
                 f"the device's SLM uses the run's tokenizer but its output layer has {slm.vocab_size} ids "
@@ -120,26 +93,12 @@ class CoPlms(SlmLoraStrategy):
 
     # -- server side ---------------------------------------------------------------------
 
-    @cached_property
-    def aux_records(self) -> list:
-        from common.records import read_jsonl
-
-        return read_jsonl(Path(self.spec.aux_data))
-
-    def _fresh_adapter(self, ckpt_dir: str) -> str:
-        # Not from the shared holder: another run may have left a trained adapter in it.
-        from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-        from common.ml.tiny import load_checkpoint
-
-        model, _ = load_checkpoint(ckpt_dir)
-        return self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora, self.spec.seed))))
-
     def initial_inputs(self) -> dict[str, str]:
         from common.ml.mutual import distill_into
 
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), PROXY_PREFIX)
-        inputs[LLM_ADAPTER] = self._fresh_adapter(self.spec.llm)
-        proxy_start = self._fresh_adapter(self.spec.slm)
+        inputs[LLM_ADAPTER] = self.fresh_adapter(self.spec.llm)
+        proxy_start = self.fresh_adapter(self.spec.slm)
         report: dict[str, Any] = {"epochs": self.params.init_distill_epochs}
         if self.params.init_distill_epochs > 0:
             # The DPM starts as the LLM's student on the public data (the "distilled" in its name).

@@ -1,5 +1,5 @@
 """CrossLM, following the CrossLM design (Deng et al., arXiv 2312.05842) as reconstructed from
-its abstract in DESIGN.md §5: the LLM writes task data, the devices' SLMs judge it.
+its abstract (ARCHITECTURE.md, "Methods"): the LLM writes task data, the devices' SLMs judge it.
 
 Per round:
 - the server's LLM answers prompts drawn per domain from `params.prompt_data` (default: the
@@ -7,7 +7,7 @@ Per round:
   ones per prompt, and publishes them as `crosslm/synthetic.jsonl`;
 - each device trains its own SLM on its private data plus last round's selected samples,
   scores every synthetic sample with it and uploads only the scores (see
-  edge_sdk/handlers/crosslm.py for the two score tensors);
+  common/methods/crosslm.py for the two score tensors);
 - the server averages the scores, tunes the LLM's LoRA with a score-weighted likelihood on
   all samples, then SFT on the selected ones (per prompt the best-scored answer, if its score
   reaches `params.threshold`), and publishes the selection as `crosslm/selected.jsonl` for the
@@ -15,6 +15,7 @@ Per round:
 
 Only text and scores cross the network, so device SLMs may differ in architecture and
 tokenizer; a device that brings no SLM uses the run's `slm` checkpoint (published as `slm/`).
+A device's SLM never leaves it: edge builds of it are made on the device.
 """
 
 from __future__ import annotations
@@ -28,15 +29,26 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from cloud.models import checkpoint_files, publish_checkpoint
+from cloud.models import publish_checkpoint
 from cloud.strategies.base import SpecError, StepResult
-from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm, parse_params
-from cloud.strategies.slm_lora import SlmLoraStrategy, _check_jsonl
-from edge_sdk.handlers.crosslm import SCORE_TENSOR, SELECTED, SYNTHETIC, WEIGHT_TENSOR, CrossLmDeviceParams
-from common.protocol import ClientRegistration, ClientTask, RunSpec, TrainSpec
+from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm
+from cloud.strategies.slm_lora import SlmLoraStrategy, check_jsonl, check_llm
+from common.methods import crosslm
+from common.methods.contract import SLM_PREFIX
+from common.methods.crosslm import (
+    LLM_ADAPTER,
+    SCORE_TENSOR,
+    SELECTED,
+    SYNTHETIC,
+    WEIGHT_TENSOR,
+    CrossLmDeviceParams,
+    Sample,
+    samples_from_bytes,
+    samples_to_bytes,
+)
+from common.protocol import ClientRegistration, RunSpec, TrainSpec
+from common.records import TaskRecord
 from common.tensorfile import Schema
-
-LLM_ADAPTER = "llm/adapter.safetensors"
 
 
 class CrossLmParams(CrossLmDeviceParams, SlmJoinPolicy):
@@ -59,9 +71,6 @@ class CrossLmParams(CrossLmDeviceParams, SlmJoinPolicy):
     llm_sft_epochs: float = Field(1.0, ge=0, description="epochs of SFT on the selected samples")
     llm_lr: float | None = Field(None, gt=0, description="the LLM's learning rate; default distill.lr")
 
-    def device(self) -> dict[str, Any]:
-        return self.model_dump(include=set(CrossLmDeviceParams.model_fields))
-
 
 def selection(groups: list[int], scores: list[float], threshold: float, best_per_prompt: bool) -> list[int]:
     """Indices of the selected samples (NaN scores, i.e. unscored samples, never qualify)."""
@@ -83,40 +92,26 @@ def likelihood_weights(scores: list[float], power: float) -> list[float]:
 
 
 class CrossLm(SlmLoraStrategy):
-    name = "crosslm"
-    task_kind = "crosslm"
-    update_artifact = SYNTHETIC  # what the uploads answer; update_schema below says their shape
+    contract = crosslm.CONTRACT
+    params_model = CrossLmParams
+    params: CrossLmParams
 
     def __init__(self, spec: RunSpec, store: Any, holder: Any = None) -> None:
         super().__init__(spec, store, holder)
-        self.params = parse_params(CrossLmParams, spec.params, self.name)
         self._parsed: dict[str, list] = {}
 
     @classmethod
     def check_spec(cls, spec: RunSpec) -> None:
         super().check_spec(spec)
-        params = parse_params(CrossLmParams, spec.params, cls.name)
+        params = CrossLmParams.model_validate(spec.params)
         if spec.privacy is not None:
             raise SpecError("crosslm devices upload per-sample scores, not weights; the local DP of `privacy` "
                             "(clip and noise a weight update) does not apply to them: remove `privacy`")
-        if spec.llm is None:
-            raise SpecError("crosslm needs an LLM to write synthetic data: set `llm` to its checkpoint directory")
-        try:
-            checkpoint_files(Path(spec.llm))
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"llm: {exc}") from None
+        check_llm(spec, cls.name, " to write synthetic data")
         if params.prompt_data is None:
-            _check_jsonl(spec.aux_data, "aux_data (the prompts the LLM answers, unless params.prompt_data)", True)
+            check_jsonl(spec.aux_data, "aux_data (the prompts the LLM answers, unless params.prompt_data)", True)
         else:
-            _check_jsonl(params.prompt_data, "params.prompt_data", True)
-
-    @staticmethod
-    def client_visible(name: str) -> bool:
-        return name.startswith("slm/") or name in (SYNTHETIC, SELECTED)
-
-    def client_task(self, round_number: int) -> ClientTask:
-        return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
-                          seed=self.round_seed(round_number), params=self.params.device())
+            check_jsonl(params.prompt_data, "params.prompt_data", True)
 
     def check_join(self, registration: ClientRegistration) -> None:
         super().check_join(registration)
@@ -134,8 +129,6 @@ class CrossLm(SlmLoraStrategy):
         return dict(sorted(pool.items()))
 
     def _samples(self, digest: str) -> list:
-        from common.ml.synthetic_set import samples_from_bytes
-
         # update_schema runs on every upload: parse each set once.
         if digest not in self._parsed:
             self._parsed = {digest: samples_from_bytes(self.store.read_bytes(digest))}
@@ -144,8 +137,6 @@ class CrossLm(SlmLoraStrategy):
     def _generate(self, llm: Any, tokenizer: Any, round_number: int) -> tuple[str, dict[str, Any]]:
         """Write the synthetic set devices score in `round_number`; return its digest and stats."""
         from cloud.training.sampling import sample_answers
-        from common.ml.synthetic_set import Sample, samples_to_bytes
-        from common.records import TaskRecord
 
         rng = random.Random(f"crosslm:{self.spec.seed}:{round_number}")
         prompts = []
@@ -161,22 +152,17 @@ class CrossLm(SlmLoraStrategy):
         return digest, {"prompts": len(prompts), "samples": len(samples)}
 
     def update_schema(self, inputs: dict[str, str]) -> Schema:
+        # One float32 per sample of the set the round published, in every tensor of the upload.
         n = len(self._samples(inputs[SYNTHETIC]))
-        return {SCORE_TENSOR: ((n,), "F32"), WEIGHT_TENSOR: ((n,), "F32")}
+        return {name: ((n,), "F32") for name in self.contract.update_tensors}
 
     # -- rounds --------------------------------------------------------------------------
 
     def initial_inputs(self) -> dict[str, str]:
-        from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
-        from common.ml.tiny import load_checkpoint
-
-        inputs = publish_checkpoint(self.store, Path(self.spec.slm), "slm")
-        # A fresh adapter, not the shared holder's: another run may have trained the one in it.
-        model, _ = load_checkpoint(self.spec.llm)
-        start = self.store.put_bytes(adapter_to_bytes(adapter_state(attach_lora(model, self.spec.lora,
-                                                                                self.spec.seed))))
-        inputs[LLM_ADAPTER] = start
-        llm, tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, start)
+        # Devices that bring no SLM of their own train a private copy of the run's.
+        inputs = publish_checkpoint(self.store, Path(self.spec.slm), SLM_PREFIX)
+        inputs[LLM_ADAPTER] = self.fresh_adapter(self.spec.llm)
+        llm, tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
         inputs[SYNTHETIC], _ = self._generate(llm, tok, 1)
         return inputs
 
@@ -186,9 +172,8 @@ class CrossLm(SlmLoraStrategy):
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
         import numpy as np
 
-        from common.ml.synthetic_set import Sample, samples_to_bytes
-        from common.ml.train import train_lora
         from cloud.training.weighted import train_lora_weighted
+        from common.ml.train import train_lora
         from common.tensorfile import load_arrays
 
         p = self.params

@@ -1,25 +1,12 @@
-"""What Co-PLMs and CrossLM share on the server: typed `RunSpec.params`, and the join
-checks for the SLM a device brings (ClientRegistration.slm)."""
+"""What Co-PLMs and CrossLM share on the server: the join checks for the SLM a device
+brings (ClientRegistration.slm)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from cloud.strategies.base import SpecError
 from common.protocol import ClientRegistration, SlmInfo
-
-P = TypeVar("P", bound=BaseModel)
-
-
-def parse_params(model: type[P], params: dict, algorithm: str) -> P:
-    """Validate `RunSpec.params` into `model`; SpecError listing every problem otherwise."""
-    try:
-        return model.model_validate(params)
-    except ValidationError as exc:
-        problems = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SpecError(f"{algorithm}: {problems}") from None
 
 
 class SlmJoinPolicy(BaseModel):

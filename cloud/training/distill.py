@@ -1,5 +1,5 @@
 """Knowledge distillation: FedCoLLM's server-side mutual distillation
-between the LLM and the aggregated SLM (DESIGN.md §5).
+between the LLM and the aggregated SLM (ARCHITECTURE.md, "Algorithms").
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
 from common.ml.kd import _vocab_size, kd_loss
-from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
+from common.ml.mutual import loss_report, record_losses
+from common.ml.train import ProgressFn, _lora_only, _Progress, _response_ce, optimizer_step
 
 if TYPE_CHECKING:
-    import torch
-
     from common.protocol import DistillSpec
     from common.records import TaskRecord
 
@@ -75,15 +74,9 @@ def mutual_distillation(
             )
         ce = _response_ce(logits, batch["labels"])
         kd = kd_loss(logits[:, :-1], teacher_logits, batch["labels"][:, 1:] != -100, temp, top_k)
-        loss = ce + lam * kd
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = optimizer_step(ce + lam * kd, opt, params)
         student.eval()
-        history[f"{side}_loss"].append(float(loss.detach()))
-        history[f"{side}_ce"].append(float(ce.detach()))
-        history[f"{side}_kd"].append(float(kd.detach()))
+        record_losses(history, side, loss, ce, kd)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -108,9 +101,5 @@ def mutual_distillation(
         "seconds": time.perf_counter() - started,
     }
     for side in ("slm", "llm"):
-        for key, value in _loss_summary(history[f"{side}_loss"]).items():
-            report[f"{side}_{key}"] = value
-        for kind in ("ce", "kd"):
-            values = history[f"{side}_{kind}"]
-            report[f"{side}_{kind}_mean"] = sum(values) / len(values) if values else float("nan")
+        report.update(loss_report(history, side))
     return report

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common.ml.batching import _prompt_ids, _special_ids
-from common.ml.evaluate import generate_greedy
+from common.ml.batching import _special_ids
+from common.ml.evaluate import decode_answer, generate_greedy, prompt_batches
 
 
 def sample_answers(
@@ -44,21 +44,12 @@ def sample_answers(
     if num_samples == 0:
         return answers
     _, eos, pad = _special_ids(tokenizer)
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-                    attention_mask[row, width - len(encoded[i]) :] = 1
+            for idx, input_ids, attention_mask in prompt_batches(tokenizer, prompts, batch_size):
                 with torch.inference_mode():
                     out = model.generate(
                         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -66,12 +57,10 @@ def sample_answers(
                         num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
                     )
                 # generate() returns each prompt's samples next to each other.
+                width = input_ids.shape[1]
                 for row, i in enumerate(idx):
                     for k in range(num_samples):
-                        new = out[row * num_samples + k, width:].tolist()
-                        if eos in new:
-                            new = new[: new.index(eos)]
-                        text = tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0].strip()
+                        text = decode_answer(tokenizer, out[row * num_samples + k, width:].tolist(), eos)
                         if text and text not in answers[i]:
                             answers[i].append(text)
     finally:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
-from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress
+from common.ml.train import ProgressFn, _lora_only, _Progress, optimizer_step, training_report
 
 if TYPE_CHECKING:
     from common.protocol import TrainSpec
@@ -72,20 +72,10 @@ def train_lora_weighted(
                     ignore_index=IGNORE_INDEX, reduction="none",
                 ).view(labels.shape)
                 count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-                loss = (nll.sum(dim=1) * w).sum() / count
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(optimizer_step((nll.sum(dim=1) * w).sum() / count, optimizer, params))
                 bar.update(step + 1, losses[-1])
         finally:
             bar.close()
             model.eval()
-    return {
-        "steps": len(losses),
-        **_loss_summary(losses),
-        "num_samples": len(examples),
-        "weight_mean": sum(e["weight"] for e in examples) / len(examples),
-        "seconds": time.perf_counter() - started,
-    }
+    return {**training_report(losses, len(examples), started),
+            "weight_mean": sum(e["weight"] for e in examples) / len(examples)}

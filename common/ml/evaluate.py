@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import _prompt_ids, _special_ids
 
 if TYPE_CHECKING:
     from common.records import TaskRecord
+
+
+def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> Iterator[tuple[list[int], Any, Any]]:
+    """(prompt indices, input_ids, attention_mask) per batch, left-padded for generate().
+
+    Prompts are grouped by length to waste less compute on padding; the indices say which
+    prompts a batch holds, in row order.
+    """
+    import torch
+
+    _, _, pad = _special_ids(tokenizer)
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        yield idx, input_ids, attention_mask
+
+
+def decode_answer(tokenizer: Any, new_ids: list[int], eos: int) -> str:
+    """An answer from generated ids: up to end-of-sequence, then the first line, stripped."""
+    if eos in new_ids:
+        new_ids = new_ids[: new_ids.index(eos)]
+    return tokenizer.decode(new_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
 
 
 def generate_greedy(
@@ -20,30 +50,19 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy answers to `prompts` (raw prompts: the format is applied here).
 
-    Batched with left padding; each answer is the decoded new tokens up to the first
-    newline, stripped. Prompts are grouped by length to waste less compute on padding;
-    answers come back in the order of `prompts`.
+    Batched with left padding (`prompt_batches`); each answer is the decoded new tokens up
+    to the first newline, stripped. Answers come back in the order of `prompts`.
     """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _, eos, pad = _special_ids(tokenizer)
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(encoded)
+    answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids) :] = 1
+        for idx, input_ids, attention_mask in prompt_batches(tokenizer, prompts, batch_size):
             with torch.inference_mode():
                 out = model.generate(
                     input_ids=input_ids,
@@ -54,12 +73,9 @@ def generate_greedy(
                     eos_token_id=eos,
                     pad_token_id=pad,
                 )
+            width = input_ids.shape[1]
             for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                if eos in new:
-                    new = new[: new.index(eos)]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                answers[i] = text.split("\n", 1)[0].strip()
+                answers[i] = decode_answer(tokenizer, out[row, width:].tolist(), eos)
     finally:
         model.train(was_training)
     return answers

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
 from common.ml.kd import kd_loss
-from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce
+from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce, optimizer_step
 
 if TYPE_CHECKING:
     from common.protocol import DistillSpec
@@ -110,15 +110,25 @@ def _update(
         )
     ce = _response_ce(logits, s_batch["labels"])
     kd = kd_loss(logits[:, :-1], target, mask, spec.temperature, top_k)
-    loss = ce + spec.lambda_kd * kd
-    student.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.params, 1.0)
-    student.optimizer.step()
+    loss = optimizer_step(ce + spec.lambda_kd * kd, student.optimizer, student.params)
     student.model.eval()
-    history[f"{student.name}_loss"].append(float(loss.detach()))
-    history[f"{student.name}_ce"].append(float(ce.detach()))
-    history[f"{student.name}_kd"].append(float(kd.detach()))
+    record_losses(history, student.name, loss, ce, kd)
+
+
+def record_losses(history: dict[str, list[float]], side: str, loss: float, ce: Any, kd: Any) -> None:
+    """Append one step's total, CE and KD losses of `side` to the history."""
+    history[f"{side}_loss"].append(loss)
+    history[f"{side}_ce"].append(float(ce.detach()))
+    history[f"{side}_kd"].append(float(kd.detach()))
+
+
+def loss_report(history: dict[str, list[float]], side: str) -> dict[str, float]:
+    """`side`'s first/last/mean loss and its mean CE and KD, with keys prefixed by the side."""
+    report = {f"{side}_{key}": value for key, value in _loss_summary(history[f"{side}_loss"]).items()}
+    for kind in ("ce", "kd"):
+        values = history[f"{side}_{kind}"]
+        report[f"{side}_{kind}_mean"] = sum(values) / len(values) if values else float("nan")
+    return report
 
 
 def _run(
@@ -161,11 +171,7 @@ def _run(
         "aligned_vocab": [a is not None for a in alignments],
     }
     for name in names:
-        for key, value in _loss_summary(history[f"{name}_loss"]).items():
-            report[f"{name}_{key}"] = value
-        for kind in ("ce", "kd"):
-            values = history[f"{name}_{kind}"]
-            report[f"{name}_{kind}_mean"] = sum(values) / len(values) if values else float("nan")
+        report.update(loss_report(history, name))
     return report
 
 

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning loops: LoRA SFT on a device's records (and the shared loop that
-full-parameter pretraining in `common.ml.tiny` reuses)."""
+"""Supervised fine-tuning loops: LoRA SFT on a device's records, and `run_sft`, the loop it
+shares with the demo's full-parameter pretraining."""
 
 from __future__ import annotations
 
@@ -74,7 +74,24 @@ def _loss_summary(losses: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _run_sft(
+def training_report(losses: Sequence[float], num_samples: int, started: float) -> dict[str, Any]:
+    """What a training loop returns: steps, first/last/mean loss, samples, seconds since `started`."""
+    return {"steps": len(losses), **_loss_summary(losses), "num_samples": num_samples,
+            "seconds": time.perf_counter() - started}
+
+
+def optimizer_step(loss: Any, optimizer: Any, params: Sequence[Any], max_grad_norm: float = 1.0) -> float:
+    """One update from `loss` with its gradient norm clipped (every training loop here); the loss value."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def run_sft(
     model: Any,
     tokenizer: Any,
     records: Sequence[TaskRecord],
@@ -128,24 +145,14 @@ def _run_sft(
                 logits = model(
                     input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
                 ).logits
-                loss = _response_ce(logits, tensors["labels"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                losses.append(optimizer_step(_response_ce(logits, tensors["labels"]), optimizer, params))
                 if scheduler is not None:
                     scheduler.step()
-                losses.append(float(loss.detach()))
                 bar.update(step + 1, losses[-1])
         finally:
             bar.close()
             model.eval()
-    return {
-        "steps": len(losses),
-        **_loss_summary(losses),
-        "num_samples": len(examples),
-        "seconds": time.perf_counter() - started,
-    }
+    return training_report(losses, len(examples), started)
 
 
 def _lora_only(model: Any) -> list[Any]:
@@ -178,7 +185,7 @@ def train_lora(
     eval mode. `progress` is a bool (tqdm bar) or a callable(step, total, loss).
     """
     params = _lora_only(model)
-    return _run_sft(
+    return run_sft(
         model,
         tokenizer,
         records,

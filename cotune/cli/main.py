@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from cotune.cli.bench_quality import bench_quality
+from cotune.cli.edge_export import edge_export
 from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
 from cotune.cli.export import export_command
 
@@ -37,6 +38,7 @@ _state: dict[str, Any] = {"debug": False}
 app.command("export")(export_command)
 edge_app.command("generate")(edge_generate)
 edge_app.command("bench")(edge_bench)
+edge_app.command("export")(edge_export)
 bench_app.command("latency")(bench_latency)
 bench_app.command("quality")(bench_quality)
 
@@ -173,10 +175,10 @@ def status(
     """Show runs and their per-round scores and bytes moved, as the admin sees them."""
     import json
 
-    from cotune.demo.quickstart import run_table
-    from edge_sdk.client import CoordinatorClient
     from common.protocol import RunStatus
     from common.retry import Backoff
+    from cotune.demo.quickstart import run_table
+    from edge_sdk.client import CoordinatorClient
 
     with CoordinatorClient(coordinator, token=admin_token or None, backoff=Backoff(max_tries=2)) as client:
         runs = [RunStatus.model_validate(r) for r in client._call("GET", "/v1/runs")]

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from common.cache import cache_root
+from common.methods import get_method
 from common.protocol import RunStatus
 
 
@@ -119,7 +121,7 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
 
     started = time.monotonic()
     workdir = Path(workdir).resolve()
-    cache = Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune")).resolve()
+    cache = cache_root().resolve()
     print(f"preparing data and tiny models in {workdir} (cached in {cache})")
     world = prepare_world(workdir / "world", num_clients=num_clients, seed=seed, cache_dir=cache)
 
@@ -174,7 +176,9 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
     finals = [json.loads((state_dir / f"device-{k}" / "final" / "final.json").read_text())
               for k in range(num_clients)]
     digests = {f["adapter_sha256"] for f in finals}
-    final_digest = next(a.sha256 for a in status.rounds[-1].artifacts if a.name == "slm/adapter.safetensors")
+    # The artifact devices train and download a new version of every round: the shared SLM's adapter.
+    shared = get_method(algorithm).contract.update_artifact
+    final_digest = next(a.sha256 for a in status.rounds[-1].artifacts if a.name == shared)
     table = run_table(status)
     wall = time.monotonic() - started
     print()
@@ -197,8 +201,8 @@ def _answer_locally(final: dict[str, Any], test_file: Path, n: int = 3) -> dict[
         print("device 0 pulled no edge build; skipping the local answers")
         return None
     from common.ml.batching import format_prompt
-    from edge_sdk.runtime import EdgeModel
     from common.records import read_jsonl
+    from edge_sdk.runtime import EdgeModel
 
     model = EdgeModel.load(final["build_dir"])
     name = Path(final["build_dir"]).name

@@ -1,6 +1,6 @@
 """The demo world: synthetic data, a tokenizer, a pretrained tiny "LLM" and a weaker SLM.
 
-DESIGN.md §7: the LLM must arrive the way a real one does, already knowing things the
+ARCHITECTURE.md, "Demo world": the LLM must arrive the way a real one does, already knowing things the
 SLMs do not. So the LLM (llama "base") is pretrained on the public pool until it knows
 the public words; the SLM (llama "tiny") only briefly, so it knows the answer format but
 little of the lexicon. Private words appear only in clients' data, so each client's
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.dirs import staged_dir, staging_dir
 from cotune.demo.synthetic import SyntheticSuite, all_text, make_suite, write_suite
 
 # Bump when anything below changes what the pretrained checkpoints would be.
@@ -74,26 +75,17 @@ def _cache_key(suite: SyntheticSuite, seed: int, num_clients: int) -> str:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Copy `src` over `dst` via a sibling temp dir, so `dst` is never half-written."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        old.rmdir()
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+    """Copy `src` over `dst` via a sibling staging dir, so `dst` is never half-written."""
+    with staged_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _build_models(suite: SyntheticSuite, root: Path, seed: int, progress: bool) -> dict[str, Any]:
     """Train the tokenizer, pretrain both models, save all three under `root`."""
+    from common.ml.checkpoint import save_checkpoint
     from common.ml.evaluate import evaluate
-    from common.ml.tiny import build_tiny_model, pretrain, save_checkpoint
     from common.ml.tokenizer import load_hf_tokenizer, save_tokenizer, train_tokenizer
+    from cotune.demo.tiny import build_tiny_model, pretrain
 
     tok_dir = save_tokenizer(train_tokenizer(all_text(suite), VOCAB_SIZE), root / "tokenizer")
     tokenizer = load_hf_tokenizer(tok_dir)
@@ -162,8 +154,7 @@ def prepare_world(
         entry = cache_dir / _cache_key(suite, seed, num_clients)
         cached = (entry / _STATS).is_file() and all((entry / p).is_dir() for p in parts)
         if not cached:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            build_root = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=cache_dir))
+            build_root = staging_dir(entry)
             try:
                 _build_models(suite, build_root, seed, progress)
                 try:

@@ -1,5 +1,5 @@
 """`coplms`: a device's round following the Co-PLMs design (Liu et al., arXiv 2511.11678),
-reconstructed from its abstract (DESIGN.md §5).
+reconstructed from its abstract (ARCHITECTURE.md, "Methods"; the contract is common.methods.coplms).
 
 The device keeps its own SLM, of any architecture, and gets a copy of the shared proxy
 model (the DPM, under `dpm/`) each round. Domain-Specific Tuning (DST) trains both on the
@@ -13,40 +13,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from common.methods.coplms import CONTRACT, PROXY_PREFIX, CoPlmsDeviceParams
+from common.protocol import RoundInfo
 from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload
 from edge_sdk.handlers.lora_sft import LoraSftHandler, privatize_update
 from edge_sdk.handlers.own_slm import OwnSlm
-from common.protocol import RoundInfo
-
-PROXY_PREFIX = "dpm"
-
-
-class CoPlmsDeviceParams(BaseModel):
-    """What a device needs to know of a Co-PLMs run, beyond the LoRA and training settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dst_epochs: float | None = Field(
-        None, ge=0, description="DST: epochs of plain SFT of the SLM and the proxy; None = the run's train.epochs")
-    saml_epochs: float = Field(1.0, ge=0, description="SAML: epochs of mutual learning between SLM and proxy")
-    alpha: float = Field(0.5, ge=0, description="weight of the KL term in mutual learning")
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1, description="keep the teacher's top-k probabilities (None: all)")
-    token_map: Literal["first_token", "min_edit"] = Field(
-        "first_token", description="how ids map when the SLM's tokenizer differs from the proxy's")
 
 
 class CoPlmsHandler(LoraSftHandler):
-    kind = "coplms"
+    kind = CONTRACT.task_kind
     prefix = PROXY_PREFIX  # the proxy is loaded exactly as lora_sft loads its shared SLM
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.own = OwnSlm(ctx, "coplms", fallback_prefix=PROXY_PREFIX)
+        self.own = OwnSlm(ctx, CONTRACT.task_kind, fallback_prefix=PROXY_PREFIX)
 
     def device_model(self, info: RoundInfo) -> tuple[Any, Any]:
         """The device's own SLM with its latest private adapter (for local use and benchmarks)."""

@@ -1,17 +1,17 @@
 """`crosslm`: a device's round following the CrossLM design (Deng et al., arXiv 2312.05842),
-reconstructed from its abstract (DESIGN.md §5).
+reconstructed from its abstract (ARCHITECTURE.md, "Methods"; the contract, with the upload's
+two score tensors, is common.methods.crosslm).
 
 The device trains its own SLM on its private data plus the synthetic samples the server
 selected last round, then scores this round's synthetic samples with it and uploads only
 the scores. Neither data nor weights leave the device. A device without its own SLM
 (no `--slm`) uses the run's published `slm/` base.
 
-Upload: two float32 tensors of one value per synthetic sample, `weighted_score` (w * s) and
-`weight` (w). s is the SLM's geometric-mean token probability of the sample's response; w
-is the share of the device's records in the sample's domain (1 when domains are unknown or
-domain weighting is off). The coordinator's sample-weighted mean of both gives, per sample,
-sum_k n_k w_k s_k / sum_k n_k w_k: each device's opinion counts by how much data of that
-domain it holds. The weights do tell the server each device's domain mix.
+Scores: s is the SLM's geometric-mean token probability of the sample's response; its weight
+w is the share of the device's records in the sample's domain (1 when domains are unknown or
+domain weighting is off). The coordinator's sample-weighted mean of w * s and of w gives, per
+sample, sum_k n_k w_k s_k / sum_k n_k w_k: each device's opinion counts by how much data of
+that domain it holds. The weights do tell the server each device's domain mix.
 """
 
 from __future__ import annotations
@@ -20,26 +20,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
-from edge_sdk.handlers.own_slm import OwnSlm
+from common.methods.contract import SLM_PREFIX
+from common.methods.crosslm import (
+    CONTRACT,
+    SCORE_TENSOR,
+    SELECTED,
+    SYNTHETIC,
+    WEIGHT_TENSOR,
+    CrossLmDeviceParams,
+    samples_from_bytes,
+)
 from common.protocol import RoundInfo
 from common.records import TaskRecord
-
-SYNTHETIC = "crosslm/synthetic.jsonl"
-SELECTED = "crosslm/selected.jsonl"
-SCORE_TENSOR = "weighted_score"
-WEIGHT_TENSOR = "weight"
-
-
-class CrossLmDeviceParams(BaseModel):
-    """What a device needs to know of a CrossLM run, beyond the LoRA and training settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    domain_weighting: bool = Field(True, description="weight each score by the device's share of that domain")
-    train_on_selected: bool = Field(True, description="add last round's selected samples to local training")
+from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
+from edge_sdk.handlers.own_slm import OwnSlm
 
 
 def domain_weights(records: list[TaskRecord], samples: list[TaskRecord], enabled: bool) -> list[float]:
@@ -52,19 +46,17 @@ def domain_weights(records: list[TaskRecord], samples: list[TaskRecord], enabled
 
 
 class CrossLmHandler(TaskHandler):
-    kind = "crosslm"
+    kind = CONTRACT.task_kind
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.own = OwnSlm(ctx, "crosslm", fallback_prefix="slm")
+        self.own = OwnSlm(ctx, CONTRACT.task_kind, fallback_prefix=SLM_PREFIX)
 
     def device_model(self, info: RoundInfo) -> tuple[Any, Any]:
         """The device's own SLM with its latest private adapter (for local use and benchmarks)."""
         return self.own.load(info.model_copy(update={"round": info.round + 1}))
 
     def _samples(self, info: RoundInfo, name: str) -> list[TaskRecord]:
-        from common.ml.synthetic_set import samples_from_bytes
-
         if not any(r.name == name for r in info.artifacts):
             return []
         return [s.record for s in samples_from_bytes(self.ctx.cache.fetch(artifact(info, name)).read_bytes())]

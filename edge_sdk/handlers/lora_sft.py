@@ -1,4 +1,5 @@
-"""`lora_sft`: train the shared SLM's LoRA adapter on local data (FedAvg, FedCoLLM)."""
+"""`lora_sft`: train the shared SLM's LoRA adapter on local data (FedAvg, FedCoLLM; the
+contracts in common.methods say which artifacts that is)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
+from common.methods.contract import ADAPTER_FILE, SLM_PREFIX, adapter_artifact
+from common.methods.fedavg import LORA_SFT
 from common.protocol import RoundInfo
-
-ADAPTER_NAME = "slm/adapter.safetensors"
+from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
 
 
 def privatize_update(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: dict[str, Any]
@@ -37,8 +38,8 @@ def privatize_update(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: 
 
 
 class LoraSftHandler(TaskHandler):
-    kind = "lora_sft"
-    prefix = "slm"
+    kind = LORA_SFT
+    prefix = SLM_PREFIX  # the published checkpoint whose adapter is trained and uploaded
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -47,10 +48,10 @@ class LoraSftHandler(TaskHandler):
 
     def load(self, info: RoundInfo) -> tuple[Any, Any]:
         """The SLM with the round's adapter; the base is fetched and loaded once, then kept."""
+        from common.ml.checkpoint import load_checkpoint
         from common.ml.lora import adapter_from_bytes, attach_lora, load_adapter_state
-        from common.ml.tiny import load_checkpoint
 
-        adapter_name = f"{self.prefix}/adapter.safetensors"
+        adapter_name = adapter_artifact(self.prefix)
         base_refs = [r for r in info.artifacts if r.name.startswith(self.prefix + "/") and r.name != adapter_name]
         key = tuple(sorted(r.sha256 for r in base_refs)) + (info.task.lora.model_dump_json(),)
         if self._model_key != key:
@@ -82,9 +83,9 @@ class LoraSftHandler(TaskHandler):
         return UpdatePayload(arrays=arrays, num_samples=len(self.ctx.records), metrics=metrics)
 
     def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:
-        ref = artifact(info, f"{self.prefix}/adapter.safetensors")
+        ref = artifact(info, adapter_artifact(self.prefix))
         model_dir = self.ctx.cache.materialize(
             [r for r in info.artifacts if r.name.startswith(self.prefix + "/")], self.prefix, out_dir / self.prefix
         )
         (out_dir / "adapter_info.json").write_text(json.dumps({"lora": info.task.lora.model_dump()}, indent=2))
-        return FinalArtifacts(model_dir=model_dir, adapter=model_dir / "adapter.safetensors", adapter_sha256=ref.sha256)
+        return FinalArtifacts(model_dir=model_dir, adapter=model_dir / ADAPTER_FILE, adapter_sha256=ref.sha256)

@@ -17,8 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.handlers.base import DeviceContext, FinalArtifacts
+from common.methods.contract import ADAPTER_FILE, adapter_artifact
 from common.protocol import RoundInfo
+from edge_sdk.handlers.base import DeviceContext, FinalArtifacts
 
 _ADAPTER = re.compile(r"^adapter-r(\d+)\.safetensors$")
 
@@ -40,8 +41,7 @@ class OwnSlm:
         if self.ctx.local_slm is not None:
             return Path(self.ctx.local_slm)
         prefix = self.fallback_prefix
-        refs = [r for r in info.artifacts
-                if r.name.startswith(prefix + "/") and not r.name.endswith("adapter.safetensors")]
+        refs = [r for r in info.artifacts if r.name.startswith(prefix + "/") and r.name != adapter_artifact(prefix)]
         if not refs:
             raise RuntimeError(f"this device brings no SLM (--slm) and the run publishes no {prefix}/ checkpoint")
         return self.ctx.cache.materialize(refs, prefix, self.ctx.state_dir / "model" / f"own-{prefix}")
@@ -53,8 +53,8 @@ class OwnSlm:
 
     def load(self, info: RoundInfo) -> tuple[Any, Any]:
         """The SLM with the adapter it had at the end of the last round before this one."""
+        from common.ml.checkpoint import load_checkpoint
         from common.ml.lora import adapter_from_bytes, adapter_state, attach_lora, load_adapter_state
-        from common.ml.tiny import load_checkpoint
 
         base = self.base_dir(info)
         key = (str(base.resolve()), info.task.lora.model_dump_json())
@@ -99,14 +99,14 @@ class OwnSlm:
         base = self.base_dir(info)
         target = out_dir / "slm"
         target.mkdir(parents=True, exist_ok=True)
-        for src in sorted(p for p in base.iterdir() if p.is_file() and p.name != "adapter.safetensors"):
+        for src in sorted(p for p in base.iterdir() if p.is_file() and p.name != ADAPTER_FILE):
             dest = target / src.name
             dest.unlink(missing_ok=True)
             try:
                 os.link(src, dest)
             except OSError:
                 shutil.copyfile(src, dest)
-        adapter = target / "adapter.safetensors"
+        adapter = target / ADAPTER_FILE
         adapter.write_bytes(data)
         (out_dir / "adapter_info.json").write_text(json.dumps(
             {"lora": info.task.lora.model_dump(), "base": str(base), "method": self.method}, indent=2))

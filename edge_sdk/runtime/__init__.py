@@ -4,6 +4,7 @@ Importing this package loads neither engine; each backend imports its library wh
 of its format is loaded.
 """
 
+from common.selection import NoSuitableBuildError, rank_builds
 from edge_sdk.runtime.base import (
     AdapterError,
     BackendUnavailableError,
@@ -20,7 +21,7 @@ from edge_sdk.runtime.generation import GenerationStream
 from edge_sdk.runtime.loader import EdgeModel, check_files, read_build
 from edge_sdk.runtime.router import CollaborativeRouter, RoutedAnswer
 from edge_sdk.runtime.sampling import SamplingParams
-from common.selection import NoSuitableBuildError, choose_build, rank_builds
+from edge_sdk.runtime.selection import choose_build
 
 __all__ = [
     "AdapterError",

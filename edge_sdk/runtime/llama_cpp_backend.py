@@ -4,8 +4,9 @@ The high-level `llama_cpp.Llama` is not used: it loads at most one adapter (and 
 off for it), keeps its own sampler chain and token bookkeeping, and allocates a logits
 matrix of n_batch x vocab. Here the context is driven directly: one sequence, logits of
 the last position only, sampling in `edge_sdk.runtime.sampling`. Adapters are loaded once
-and switched on the context with `llama_set_adapters_lora` (DESIGN.md §8): the base weights
-stay mapped and are never reloaded; scale 0 gives the base model's logits, 1 the merged one.
+and switched on the context with `llama_set_adapters_lora` (ARCHITECTURE.md, "Edge runtime
+and export"): the base weights stay mapped and are never reloaded; scale 0 gives the base
+model's logits, 1 the merged one.
 """
 
 from __future__ import annotations

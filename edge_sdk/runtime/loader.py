@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from common.manifest import MANIFEST_NAME, BuildManifest, file_digest
+from common.digest import file_sha256
+from common.manifest import MANIFEST_NAME, BuildManifest
 from edge_sdk.runtime.base import (
     AdapterError,
     Backend,
@@ -74,7 +75,7 @@ def check_files(manifest: BuildManifest, build_dir: Path, verify: Verify = "size
         if verify in ("size", "sha256") and path.stat().st_size != f.size:
             raise ModelFileError(f"{path} is {path.stat().st_size} bytes but the manifest says {f.size}",
                                  "the download was cut short or the file was changed", "fetch the build again")
-        if verify == "sha256" and file_digest(path) != f.sha256:
+        if verify == "sha256" and file_sha256(path) != f.sha256:
             raise ModelFileError(f"{path} does not match the sha256 in its manifest", "the file is corrupt",
                                  "fetch the build again")
 

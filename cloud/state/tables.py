@@ -1,14 +1,11 @@
-"""Coordinator state in SQL (SQLAlchemy 2): runs, rounds, clients, updates, artifacts.
-
-SQLite file by default; a PostgreSQL URL works unchanged. Every round transition is one
-transaction guarded by a compare-and-set on the round's state (see rounds.py), so a
-coordinator killed at any point restarts where it stopped.
+"""The coordinator's tables (SQLAlchemy 2): runs, rounds, round events, clients, updates,
+artifacts, builds and transfers. Only cloud/state/sql.py uses them (ARCHITECTURE.md,
+"State interface"); everything else sees the records of records.py.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -16,15 +13,14 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
+    text,
 )
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
@@ -128,16 +124,23 @@ class Artifact(Base):
 
 
 class Build(Base):
-    """An edge build of a run's SLM (GGUF / ONNX), its files stored as artifacts."""
+    """An edge build (GGUF / ONNX), its files stored as artifacts. `client_id` is set for a
+    build a device made of its own SLM, which only that device and the admin see."""
 
     __tablename__ = "builds"
-    __table_args__ = (UniqueConstraint("run_id", "round", "name"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "round", "name", "client_id"),
+        # NULLs are distinct in a unique constraint, so the server's own builds need their own index.
+        Index("uq_builds_server", "run_id", "round", "name", unique=True,
+              sqlite_where=text("client_id IS NULL"), postgresql_where=text("client_id IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    client_id: Mapped[str | None] = mapped_column(ForeignKey("clients.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -154,33 +157,3 @@ class Transfer(Base):
     direction: Mapped[str] = mapped_column(String(4))  # "up" | "down"
     bytes: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-def make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    kwargs: dict[str, Any] = {"future": True}
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    else:
-        kwargs["pool_pre_ping"] = True
-    engine = create_engine(url, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
-    return engine
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers (polling clients) go on while a transition commits; synchronous=FULL
-    # makes a committed transition survive a power cut, not only a process kill.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False, future=True)

@@ -1,12 +1,40 @@
-"""Completions from the run's LLM (with its current co-tuned adapter) for devices that
-escalate a prompt they are unsure about."""
+"""Answers from a run's LLM, with the adapter of its last closed round, for devices that
+escalate a prompt they are unsure about (edge-to-cloud collaboration)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
+from cloud.errors import ApiError
+from cloud.models import ModelHolder
+from cloud.services.runs import RunsService
+from cloud.state.records import ClientRecord
 from common.protocol import GenerateRequest, GenerateResponse
+
+
+class GenerationService:
+    def __init__(self, runs: RunsService, holder: ModelHolder, model_lock: threading.Lock) -> None:
+        self.runs = runs
+        self.holder = holder
+        # Shared with the round driver: server steps and answers use the same held models.
+        self.model_lock = model_lock
+
+    def generate(self, client: ClientRecord, request: GenerateRequest) -> GenerateResponse:
+        run = self.runs.get(client.run_id)
+        held = self.runs.holdings(run)
+        served = self.runs.strategy(run).llm_adapter(held.named)
+        if served is None:
+            raise ApiError(409, "no_llm", f"run {run.name!r} ({run.algorithm}) holds no LLM to answer with",
+                           "answer on the device, or enroll in a run that co-tunes an LLM")
+        with self.model_lock:
+            model, tokenizer = self.holder.with_adapter(served.checkpoint, served.lora, served.seed,
+                                                        served.adapter_digest)
+            try:
+                return complete(model, tokenizer, request, f"{run.name}/llm@round{held.round}")
+            except ValueError as exc:
+                raise ApiError(422, "prompt_too_long", str(exc)) from None
 
 
 def complete(model: Any, tokenizer: Any, request: GenerateRequest, model_name: str) -> GenerateResponse:

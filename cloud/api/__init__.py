@@ -1,0 +1,1 @@
+"""The coordinator's HTTP API, one router per resource; app.py assembles them."""

@@ -1,0 +1,16 @@
+"""Edge-to-cloud collaboration: a device escalates a prompt to the run's LLM."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from cloud.api.deps import ERRORS_422, Coord, CurrentClient
+from common.protocol import GenerateRequest, GenerateResponse
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/v1/generate", responses=ERRORS_422)
+def generate(request: GenerateRequest, coord: Coord, client: CurrentClient) -> GenerateResponse:
+    """The run's LLM answers a prompt a device escalated (edge-to-cloud collaboration)."""
+    return coord.generation.generate(client, request)

@@ -1,0 +1,203 @@
+"""The coordinator's state behind one interface (ARCHITECTURE.md, "State interface").
+
+Everything the coordinator remembers goes through `CoordinatorState`: the services and the
+round driver never see a database. Methods take and return the plain records of
+records.py. Each method is one transaction; the ones the round state machine relies on
+(ARCHITECTURE.md, "Round state machine") are compare-and-set, so replicas sharing one
+database, or a coordinator restarted after a crash, never apply a step twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from cloud.state.records import (
+    ArtifactRecord,
+    BuildRecord,
+    ClientRecord,
+    Direction,
+    NewRun,
+    RoundEventRecord,
+    RoundRecord,
+    RunRecord,
+    StateCounts,
+    TransferTotal,
+    UpdateInsert,
+    UpdateRecord,
+)
+from common.protocol import RoundState, RunState
+
+
+class StateError(Exception):
+    """Base of the errors a state backend raises on purpose."""
+
+
+class RunExists(StateError):
+    """A run with that name or enroll token is already stored (maybe by another replica)."""
+
+
+class StateUnavailable(StateError):
+    """The store could not be reached or was busy; the same call may succeed later."""
+
+
+class CoordinatorState(ABC):
+    # -- runs ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def create_run(self, run: NewRun, inputs: dict[str, str], artifacts: Sequence[ArtifactRecord]) -> RunRecord:
+        """Store a running run, its round 1 (open, from `inputs`) and their artifacts, all or
+        nothing. Raise RunExists if the name or enroll token is taken."""
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def run_by_name(self, name: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def run_by_enroll_token_hash(self, token_hash: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def list_runs(self, state: RunState | None = None) -> list[RunRecord]:
+        """Runs (only those in `state` if given), oldest first."""
+
+    @abstractmethod
+    def set_run_metrics(self, run_id: str, values: dict[str, Any]) -> None:
+        """Merge `values` into the run's metrics (top-level keys replace)."""
+
+    @abstractmethod
+    def fail_run(self, run_id: str, number: int, message: str) -> None:
+        """Mark round `number` and its run failed, with what went wrong."""
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def get_round(self, run_id: str, number: int) -> RoundRecord | None: ...
+
+    @abstractmethod
+    def current_round(self, run_id: str) -> RoundRecord | None:
+        """The run's current round: the last one, once the run is over."""
+
+    @abstractmethod
+    def list_rounds(self, run_id: str) -> list[RoundRecord]: ...
+
+    @abstractmethod
+    def transition(
+        self,
+        run_id: str,
+        number: int,
+        old: RoundState,
+        new: RoundState,
+        *,
+        lease_holder: str | None = None,
+        collecting_at: datetime | None = None,
+        deadline_at: datetime | None = None,
+        aggregate_digest: str | None = None,
+        outputs: dict[str, str] | None = None,
+        metrics: dict[str, Any] | None = None,
+        artifacts: Sequence[ArtifactRecord] = (),
+    ) -> bool:
+        """Compare-and-set: move the round from `old` to `new` and store the given fields and
+        artifacts, in one transaction; False (and nothing changed) if it was not in `old`, or
+        if `lease_holder` is given and does not hold the round's lease. Clears the lease."""
+
+    @abstractmethod
+    def claim_lease(self, run_id: str, number: int, state: RoundState, instance: str, until: datetime,
+                    now: datetime | None = None) -> bool:
+        """Take or renew the lease on the round's slow step while it is in `state`, and log an
+        audit event; False while another instance holds an unexpired lease."""
+
+    @abstractmethod
+    def round_events(self, run_id: str, number: int) -> list[RoundEventRecord]:
+        """The audit events of a round, oldest first."""
+
+    @abstractmethod
+    def close_round(self, run_id: str, number: int, last: bool) -> bool:
+        """Compare-and-set publishing -> closed. Then, in the same transaction, open the next
+        round from this one's outputs, or (if `last`) finish the run holding those outputs.
+        False if the round was not publishing."""
+
+    # -- clients ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def enroll_client(self, client: ClientRecord) -> ClientRecord: ...
+
+    @abstractmethod
+    def get_client(self, client_id: str) -> ClientRecord | None: ...
+
+    @abstractmethod
+    def client_by_token_hash(self, token_hash: str) -> ClientRecord | None: ...
+
+    @abstractmethod
+    def revoke_client(self, client_id: str) -> bool:
+        """Revoke the client's token; False if there is no such client."""
+
+    @abstractmethod
+    def count_active_clients(self, run_id: str) -> int:
+        """Enrolled, not revoked."""
+
+    # -- updates ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def insert_update(self, update: UpdateRecord) -> UpdateInsert:
+        """Accept a client's update into an open or collecting round of a running run, once.
+
+        With it, in the same transaction: its upload in the transfer totals and its blob as a
+        run artifact no client may download. Sending the same bytes again is `duplicate`,
+        other bytes `conflict`, a round that stopped taking updates `closed`; none of those
+        changes anything."""
+
+    @abstractmethod
+    def get_update(self, run_id: str, number: int, client_id: str) -> UpdateRecord | None: ...
+
+    @abstractmethod
+    def list_updates(self, run_id: str, number: int) -> list[UpdateRecord]:
+        """In the order they were accepted (aggregation order is part of the result's bits)."""
+
+    @abstractmethod
+    def count_updates(self, run_id: str, number: int) -> int: ...
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    @abstractmethod
+    def add_artifacts(self, run_id: str, artifacts: Sequence[ArtifactRecord]) -> None:
+        """Record blobs of a run. Visibility only widens: a digest once visible to clients
+        stays so, and becomes so when it is added again as visible."""
+
+    @abstractmethod
+    def artifact_visible(self, run_id: str, digest: str) -> bool:
+        """Whether the run's clients may download this digest."""
+
+    # -- builds ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def upsert_builds(self, builds: Sequence[BuildRecord], artifacts: Sequence[ArtifactRecord] = ()) -> None:
+        """Store builds (replacing one of the same run, round, name and owner) with their files'
+        artifacts, in one transaction."""
+
+    @abstractmethod
+    def list_builds(self, run_id: str, client_id: str | None = None) -> list[BuildRecord]:
+        """By round then name. With `client_id`: the server's builds and that client's own
+        only; without: every build of the run."""
+
+    # -- transfers -------------------------------------------------------------------------
+
+    @abstractmethod
+    def record_transfer(self, run_id: str, client_id: str, direction: Direction, nbytes: int) -> None:
+        """Count bytes against the run's current round (against no round once it is over)."""
+
+    @abstractmethod
+    def transfer_totals(self, run_id: str, number: int) -> list[TransferTotal]:
+        """Bytes per client and direction in round `number`."""
+
+    # -- operations ------------------------------------------------------------------------
+
+    @abstractmethod
+    def counts(self) -> StateCounts: ...
+
+    def close(self) -> None:
+        """Release connections; the state is not used afterwards."""
+        return None
