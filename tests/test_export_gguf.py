@@ -34,8 +34,11 @@ def test_merged_and_lora_builds_pass_parity(arch: str, tmp_path: Path) -> None:
         assert manifest.parity["tensor_types"]
 
     f32, f16, q8, q4, lora = (r.manifest.parity for r in results)
-    for figures in (f32, f16):
-        assert figures["greedy_identical"] and figures["top1_agreement"] == 1.0
+    assert f32["greedy_identical"] and f32["top1_agreement"] == 1.0
+    # f16 rounding may flip a position whose top-2 logits are closer than that rounding: agreement
+    # just below 1, and any greedy divergence only at such a near-tie (within the measured error).
+    assert f16["top1_agreement"] >= 0.99
+    assert all(m <= f16["rel_logit_diff"] for m in f16["greedy_divergence_margins"])
     assert f32["rel_logit_diff"] < 2e-3 and f16["rel_logit_diff"] < 1e-2
     # q8_0 within the default 8-bit bounds; q4_k_m at least loads and reports its figures.
     assert q8["top1_agreement"] >= ParityBounds().min_top1_8bit
