@@ -22,7 +22,9 @@ setup() {
 }
 
 # The state-layer tests also run against a real PostgreSQL server when one is installed
-# (Debian: apt-get install postgresql). This starts the local cluster and a test role.
+# (Debian: apt-get install postgresql). This starts the local cluster and a test role that
+# may create databases (each test makes, then drops, its own) and nothing more: not a
+# superuser, whose password on loopback would be the whole server's.
 start_postgres() {
   if [ -n "${COTUNE_TEST_POSTGRES_URL:-}" ]; then return; fi
   if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
@@ -33,8 +35,10 @@ start_postgres() {
   ver=$(ls /usr/lib/postgresql | sort -n | tail -n 1)
   pg_ctlcluster "$ver" main start 2>/dev/null || true
   if ! su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'cotune'\"" | grep -q 1; then
-    su postgres -c "psql -qc \"CREATE ROLE cotune LOGIN SUPERUSER PASSWORD 'cotune'\""
+    su postgres -c "psql -qc \"CREATE ROLE cotune LOGIN CREATEDB PASSWORD 'cotune'\""
   fi
+  # A role an older dev.sh made a superuser keeps only what the tests need.
+  su postgres -c "psql -qc \"ALTER ROLE cotune NOSUPERUSER NOCREATEROLE CREATEDB\""
   export COTUNE_TEST_POSTGRES_URL="postgresql+psycopg://cotune:cotune@127.0.0.1:5432/postgres"
 }
 

@@ -152,6 +152,7 @@ def run_one(n: int, model_dir: Path, work: Path, concurrency: int) -> dict[str, 
     state.mkdir(parents=True)
     port, admin, enroll = free_port(), secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     run = {"name": f"load-{n}", "algorithm": "fedavg", "slm": str(model_dir), "rounds": 1, "min_clients": n,
+           "max_devices": max(n, 1),
            "round_deadline_s": 3600.0, "enroll_token": enroll,
            "lora": {"r": 128, "alpha": 256.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
     config = write_server_config(state / "coordinator.toml", port=port, state_dir=state, admin_token=admin,

@@ -9,15 +9,23 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from cloud.api import artifacts, builds, clients, inference, ops, rounds, runs
 from cloud.coordinator import Coordinator
-from cloud.errors import ApiError
+from cloud.errors import ApiError, invalid_request
 from cloud.settings import CoordinatorSettings
 from common import __version__
+from common.protocol import ErrorDetail
 
 log = logging.getLogger("cotune.api")
+
+# Codes for the errors Starlette and FastAPI raise themselves (no route, wrong method, a body
+# that is not JSON), so that every error answer has the API's shape.
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+               415: "unsupported_media_type"}
 
 
 def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> FastAPI:
@@ -52,7 +60,20 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"detail": exc.detail.model_dump()})
+        return JSONResponse(status_code=exc.status, content={"detail": exc.detail.model_dump()},
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer lists each error's `input`: the request echoed back.
+        return JSONResponse(status_code=422, content={"detail": invalid_request(exc.errors()).model_dump()})
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        detail = ErrorDetail(code=code, message=str(exc.detail)[:200])
+        return JSONResponse(status_code=exc.status_code, content={"detail": detail.model_dump()},
+                            headers=exc.headers)
 
     for module in (ops, runs, rounds, clients, artifacts, builds, inference):
         app.include_router(module.router)

@@ -14,6 +14,7 @@ from cloud.services.artifacts import ArtifactsService
 from cloud.services.auth import AuthService
 from cloud.services.builds import BuildsService
 from cloud.services.generation import GenerationService
+from cloud.services.limits import GenerateLimits
 from cloud.services.runs import RunsService, StrategyFactory, strategy_factory
 from cloud.services.updates import UpdatesService
 from cloud.settings import CoordinatorSettings
@@ -42,10 +43,12 @@ class Coordinator:
         self.instance_id = settings.instance_id or f"{socket.gethostname()}:{settings.port}"
 
         self.auth = AuthService(self.state, settings.admin_token or new_token())
-        self.runs = RunsService(self.state, self.store, factory or strategy_factory(self.store, self.holder))
+        self.runs = RunsService(self.state, self.store, factory or strategy_factory(self.store, self.holder),
+                                self.model_lock)
         self.updates = UpdatesService(self.state, self.store, self.runs)
         self.artifacts = ArtifactsService(self.state, self.store)
-        self.generation = GenerationService(self.runs, self.holder, self.model_lock)
+        self.generation = GenerationService(self.runs, self.holder, self.model_lock, GenerateLimits(
+            settings.generate_rate_per_minute, settings.generate_burst, settings.generate_queue))
         self.builds = BuildsService(self.state, self.store, self.runs, self.spool_dir)
 
     def driver(self) -> RoundDriver:

@@ -24,7 +24,11 @@ def publish_checkpoint(store: BlobStore, ckpt_dir: Path, prefix: str) -> dict[st
 
 
 class ModelHolder:
-    """Base models kept in memory with a LoRA adapter attached; adapters swapped by digest."""
+    """Base models kept in memory with a LoRA adapter attached; adapters swapped by digest.
+
+    Not thread-safe, by design: every user (server steps, starting scores and inputs, answers
+    to /v1/generate) holds the coordinator's one `model_lock` while it loads, swaps or runs a
+    model, since an adapter swapped in under another user would change its results."""
 
     def __init__(self, store: BlobStore) -> None:
         self.store = store

@@ -9,15 +9,18 @@ compare-and-set on the round's state through `CoordinatorState` (ARCHITECTURE.md
 interface"). A coordinator killed anywhere restarts, finds the round in the last committed
 state and redoes at most the step that was under way; that step is deterministic (seeded),
 so the run ends where an uninterrupted one would. The slow steps run under a lease, so of
-several replicas sharing one database only one does each.
+several replicas sharing one database only one does each; the holder renews it while the step
+runs (`LeaseKeeper`), so a step longer than `lease_s` keeps it. A finished run's builds are
+published under a lease too, taken on its last (closed) round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -50,6 +53,38 @@ class DriverConfig:
 
 
 Step = Callable[[RunRecord, RoundRecord, RunSpec], bool]
+
+
+class LeaseKeeper:
+    """Renews a lease from a thread every `lease_s / 3` while a slow step runs, so the step keeps
+    its lease however long it takes; a replica that dies or stalls stops renewing and another
+    takes over once the lease runs out. Once a renewal finds another replica holding the lease,
+    renewing stops; the step's result is then refused by the compare-and-set on the holder."""
+
+    def __init__(self, renew: Callable[[], bool], lease_s: float, what: str) -> None:
+        self._renew = renew
+        self._every = lease_s / 3
+        self._what = what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"cotune-lease {what}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                if not self._renew():
+                    log.warning("%s: lost the lease to another replica; its result will not be published",
+                                self._what)
+                    return
+            except Exception:  # a database hiccup: the lease still runs; try again next time
+                log.exception("%s: renewing the lease failed; retrying", self._what)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class RoundDriver:
@@ -100,8 +135,25 @@ class RoundDriver:
         moved = False
         for run in self.state.list_runs(RunState.running):
             moved |= self.advance(run.id)
-        published = self.builds.publish_finished_runs() if self.builds is not None else False
-        return published or moved
+        return self._publish_builds() or moved
+
+    def _publish_builds(self) -> bool:
+        """Publish the builds each finished run's spec asks for, once, under a lease on its last
+        round, so of several replicas only one exports; True if any run was handled here."""
+        if self.builds is None:
+            return False
+        handled = False
+        for run in self.builds.pending_runs():
+            last = self.state.current_round(run.id)
+            if last is None or last.state != RoundState.closed:
+                continue
+            with self._leased(last) as held:
+                # Re-read under the lease: another replica may have published meanwhile.
+                fresh = self.state.get_run(run.id)
+                if held and fresh is not None and "builds" not in fresh.metrics:
+                    self.builds.publish_run(fresh)
+                    handled = True
+        return handled
 
     def advance(self, run_id: str) -> bool:
         run = self.state.get_run(run_id)
@@ -142,6 +194,17 @@ class RoundDriver:
         until = _now() + timedelta(seconds=self.config.lease_s)
         return self.state.claim_lease(rnd.run_id, rnd.number, rnd.state, self.config.instance_id, until)
 
+    @contextlib.contextmanager
+    def _leased(self, rnd: RoundRecord) -> Iterator[bool]:
+        """Take the lease on the round's step and keep it renewed until the block ends; yields
+        False (and runs nothing in the background) while another replica holds it."""
+        if not self._claim(rnd):
+            yield False
+            return
+        what = f"run {rnd.run_id} round {rnd.number} {rnd.state.value}"
+        with LeaseKeeper(lambda: self._claim(rnd), self.config.lease_s, what):
+            yield True
+
     def _open(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
         # The deadline clock starts once enough devices are enrolled to make a quorum.
         if self.state.count_active_clients(run.id) < spec.min_clients:
@@ -161,28 +224,35 @@ class RoundDriver:
         return self._cas(rnd, RoundState.collecting, RoundState.aggregating)
 
     def _aggregating(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
-        if not self._claim(rnd):
-            return False
-        strategy = self.runs.strategy(run)
-        updates = self.state.list_updates(run.id, rnd.number)
-        files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
-        aggregate = strategy.aggregate(files, strategy.update_schema(dict(rnd.inputs)))
-        digest = self.store.put_bytes(save_arrays(aggregate))
-        failpoint("aggregated")
-        metrics = {**rnd.metrics, "num_updates": len(updates), "num_samples": sum(u.num_samples for u in updates),
-                   "aggregate_sha256": digest, **strategy.round_metrics([dict(u.metrics) for u in updates])}
+        with self._leased(rnd) as held:
+            if not held:
+                return False
+            strategy = self.runs.strategy(run)
+            updates = self.state.list_updates(run.id, rnd.number)
+            files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
+            aggregate = strategy.aggregate_round(files, dict(rnd.inputs))
+            digest = self.store.put_bytes(save_arrays(aggregate.arrays))
+            failpoint("aggregated")
+            metrics = {**rnd.metrics, "num_updates": len(updates),
+                       "num_samples": sum(u.num_samples for u in updates), "aggregate_sha256": digest,
+                       "aggregation": aggregate.figures,
+                       **strategy.round_metrics([dict(u.metrics) for u in updates])}
+        # Committed once renewing stopped (the last renewal was at most lease_s/3 ago), so no
+        # renewal races the transition that ends the step.
         return self._cas(rnd, RoundState.aggregating, RoundState.server_step, aggregate_digest=digest,
                          metrics=metrics)
 
     def _server_step(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
-        if not self._claim(rnd):
-            return False
-        strategy = self.runs.strategy(run)
-        started = _now()
-        with self.model_lock:
-            result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
-        failpoint("server_stepped")
-        metrics = {**rnd.metrics, **result.metrics, "server_step_s": round((_now() - started).total_seconds(), 3)}
+        with self._leased(rnd) as held:
+            if not held:
+                return False
+            strategy = self.runs.strategy(run)
+            started = _now()
+            with self.model_lock:
+                result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
+            failpoint("server_stepped")
+            metrics = {**rnd.metrics, **result.metrics,
+                       "server_step_s": round((_now() - started).total_seconds(), 3)}
         return self._cas(rnd, RoundState.server_step, RoundState.publishing, outputs=result.outputs,
                          metrics=metrics, artifacts=self.runs.artifact_records(strategy, result.outputs))
 

@@ -29,13 +29,31 @@ class CoordinatorSettings(BaseSettings):
     tls_certfile: Path | None = Field(None, description="PEM certificate: serve HTTPS (with tls_keyfile)")
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile")
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_json_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest JSON body a device or an enrolling device may send; "
+        "a larger one is refused with 413 before it is parsed")
+    max_admin_json_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest JSON body the admin may send (a RunSpec, a build request)")
+    metrics_public: bool = Field(
+        False, description="serve /metrics without the admin token (for a scraper on a private network)")
     tick_s: float = Field(0.5, gt=0, description="how often the round driver looks at the runs")
     torch_threads: int | None = Field(None, ge=1)
     instance_id: str | None = Field(
         None, max_length=128,
         description="names this replica in leases; stable across restarts (default: host:port)",
     )
-    lease_s: float = Field(600.0, gt=0, description="how long a replica may hold a round's slow step")
+    lease_s: float = Field(
+        600.0, gt=0, description="how long a replica's lease on a slow step lasts unrenewed; the holder renews "
+        "it every lease_s/3 while the step runs, so only a replica that died or stalled loses it",
+    )
+    generate_rate_per_minute: float = Field(
+        30.0, gt=0, description="POST /v1/generate: requests per minute one device may make, on average")
+    generate_burst: int = Field(
+        10, ge=1, description="POST /v1/generate: requests one device may make at once before the rate applies")
+    generate_queue: int = Field(
+        8, ge=1, description="POST /v1/generate: requests that may wait for (or hold) the held models at once; "
+        "past it 429, so generation never ties up all of the server's worker threads (40)",
+    )
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
 
 

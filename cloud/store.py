@@ -1,4 +1,9 @@
-"""Content-addressed blob store on a local directory: the digest is the name and the check."""
+"""Content-addressed blob store on a local directory: the digest is the name and the check.
+
+A blob is durable before anything refers to it: its data is fsync'ed before it is renamed into
+place, and its directory after, so that after a power cut a database row committed later never
+points at an empty or missing file (a rename is only durable once its directory is synced).
+"""
 
 from __future__ import annotations
 
@@ -47,20 +52,38 @@ class BlobStore:
             raise
 
     def put_file(self, source: Path, digest: str | None = None) -> str:
-        """Move a finished file (e.g. a spooled upload) into the store."""
+        """Move a finished file (e.g. a spooled upload) into the store, its data synced first."""
         if digest is None:
             digest = file_sha256(source)
+        sync_file(Path(source))
         return self._commit(Path(source), digest)
 
     def _commit(self, tmp: Path, digest: str) -> str:
+        """Rename a synced file into place and sync the directories that changed."""
         target = self.path(digest)
-        target.parent.mkdir(exist_ok=True)
+        if not target.parent.is_dir():
+            target.parent.mkdir(exist_ok=True)
+            _sync_dir(self.root)
         if target.exists():
             tmp.unlink(missing_ok=True)
         else:
             os.replace(tmp, target)
+            _sync_dir(target.parent)
         return digest
 
     def read_bytes(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
 
+
+def sync_file(path: Path) -> None:
+    """fsync a file's data (through a read-only descriptor: fsync flushes the file, not the descriptor)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 API_PREFIX = "/v1"
 
@@ -87,6 +87,48 @@ class PrivacySpec(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
+class AggregationRule(str, Enum):
+    """How a round's updates become one (ARCHITECTURE.md, "Round state machine")."""
+
+    mean = "mean"  # sample-weighted mean (FedAvg)
+    median = "median"  # coordinate-wise median, one vote per update
+    trimmed_mean = "trimmed_mean"  # coordinate-wise mean after dropping the extremes, one vote per update
+
+
+class AggregationSpec(_Strict):
+    """How the coordinator aggregates a round's updates. The defaults are FedAvg's weighted mean."""
+
+    rule: AggregationRule = AggregationRule.mean
+    trim_fraction: float | None = Field(
+        None, ge=0, lt=0.5, description="trimmed_mean: the fraction of updates dropped at each end of every "
+        "coordinate (rounded down to whole updates); default 0.2")
+    norm_bound: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="clip each update's change from the round's starting "
+        "adapter to this L2 norm (over all its tensors) before aggregating; None: no bound")
+    max_weight_share: float | None = Field(
+        None, gt=0, le=1, description="mean: no update carries more than this share of the round's total weight "
+        "(larger weights are lowered until it holds); None: no cap beyond max_samples_per_update")
+
+    @field_validator("trim_fraction")
+    @classmethod
+    def _trim_needs_trimmed_mean(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("rule") != AggregationRule.trimmed_mean:
+            raise ValueError("trim_fraction applies only to rule 'trimmed_mean'")
+        return value
+
+    @field_validator("max_weight_share")
+    @classmethod
+    def _share_needs_mean(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("rule") != AggregationRule.mean:
+            raise ValueError("median and trimmed_mean give every update one vote; max_weight_share applies "
+                             "only to rule 'mean'")
+        return value
+
+    @property
+    def trim(self) -> float:
+        return 0.2 if self.trim_fraction is None else self.trim_fraction
+
+
 class RunSpec(_Strict):
     """What an admin asks for with `POST /v1/runs`. Paths are on the coordinator's disk."""
 
@@ -96,6 +138,11 @@ class RunSpec(_Strict):
     llm: str | None = Field(None, description="HF checkpoint directory of the LLM (fedcollm)")
     rounds: int = Field(3, ge=1, le=100_000)
     min_clients: int = Field(2, ge=1, description="quorum: updates needed to close a round")
+    max_devices: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="the most devices enrolled at once (revoked ones do not count); enrolling past it "
+        "answers 409 run_full, so one enroll token cannot admit unlimited devices",
+    )
     round_deadline_s: float = Field(
         600.0, gt=0, description="after this, a round closes as soon as it has its quorum"
     )
@@ -111,6 +158,13 @@ class RunSpec(_Strict):
         description='edge builds of the SLM to publish after the last round, e.g. ["gguf:q8_0", "onnx:int8"]',
     )
     seed: int = 0
+    max_samples_per_update: int = Field(
+        1_000_000, ge=1, le=1_000_000_000,
+        description="the most samples one update may declare (cotune.num_samples): uploads above it are "
+        "refused, and no update weighs more than this in aggregation",
+    )
+    aggregation: AggregationSpec = Field(
+        default_factory=AggregationSpec, description="how each round's updates are aggregated")
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
     )

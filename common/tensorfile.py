@@ -108,6 +108,8 @@ def read_header(
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"header is not JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _bad("header is not a JSON object")
 

@@ -154,32 +154,61 @@ class CoordinatorClient:
         return self._call("POST", f"/v1/runs/{run_id}/device-builds", json=report.model_dump(mode="json"))
 
     def download(self, ref: ArtifactRef, dest: Path) -> Path:
-        """Fetch an artifact to `dest`, resuming a partial file, and check its sha256."""
+        """Fetch an artifact to `dest`, resuming a partial file, and check its sha256.
+
+        A `.part` file that a crash left complete (all `ref.size` bytes, or all the coordinator
+        holds: it answers a Range past the end with 416) is checked and finished without
+        fetching it again; one whose digest is wrong is discarded and fetched anew. A body
+        longer than `ref.size` is cut off: a coordinator cannot fill the device's disk.
+        """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
+
+        def finish() -> Path | None:
+            """Rename the part into place if its digest is right; else discard it."""
+            if file_sha256(part) == ref.sha256:
+                os.replace(part, dest)
+                return dest
+            part.unlink(missing_ok=True)
+            return None
 
         def once() -> Path:
             have = part.stat().st_size if part.exists() else 0
             if have > ref.size:
                 part.unlink()
                 have = 0
+            if have and have == ref.size:  # the last byte came, the rename did not
+                if finish() is not None:
+                    return dest
+                have = 0
             headers = self._headers()
             if have:
                 headers["Range"] = f"bytes={have}-"
             with self._http.stream("GET", f"/v1/artifacts/{ref.sha256}", headers=headers) as response:
+                if response.status_code == 416 and have:
+                    # Nothing past what the part holds: it is the whole blob, or it is wrong.
+                    response.read()
+                    if finish() is not None:
+                        return dest
+                    raise IntegrityError(f"{ref.name}: the partial download did not match its sha256 and was "
+                                         "discarded; fetching it anew")
                 if not response.is_success:
                     response.read()
                     _raise_for(response)
                 mode = "ab" if have and response.status_code == 206 else "wb"
+                written = have if mode == "ab" else 0
                 with part.open(mode) as fh:
                     for chunk in response.iter_bytes():  # as it arrives: a cut keeps what came
+                        written += len(chunk)
+                        if written > ref.size:
+                            break
                         fh.write(chunk)
-            digest = file_sha256(part)
-            if digest != ref.sha256:
+            if written > ref.size:
                 part.unlink(missing_ok=True)
-                raise IntegrityError(f"{ref.name}: got sha256 {digest[:12]}..., expected {ref.sha256[:12]}...")
-            os.replace(part, dest)
+                raise IntegrityError(f"{ref.name}: the coordinator sent more than its listed {ref.size} bytes")
+            if finish() is None:
+                raise IntegrityError(f"{ref.name}: the download did not match sha256 {ref.sha256[:12]}...")
             return dest
 
         return call_with_retry(once, _retryable, self.backoff, self.on_retry)

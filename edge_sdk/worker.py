@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.private_file import write_private
 from common.protocol import (
     META_KIND,
     META_METRICS,
@@ -32,6 +33,7 @@ from common.protocol import (
 from common.tensorfile import save_arrays
 from edge_sdk.client import CoordinatorClient, CoordinatorError
 from edge_sdk.handlers import DeviceContext, FinalArtifacts, TaskHandler, UpdatePayload, handler_for, task_kinds
+from edge_sdk.paths import check_name, safe_join
 from edge_sdk.profile import detect_profile
 
 log = logging.getLogger("cotune.edge")
@@ -75,6 +77,17 @@ def encode_update(payload: UpdatePayload, kind: str | None = None) -> bytes:
     return save_arrays(payload.arrays, metadata)
 
 
+def place(blob: Path, dest: Path) -> None:
+    """Put a cached blob at `dest` (a checked path): a hard link, or a copy where links cannot go.
+    Whatever was at `dest`, a symlink included, is removed first, never written through."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(blob, dest)
+    except OSError:
+        shutil.copyfile(blob, dest)
+
+
 class ArtifactCache:
     """Downloads kept by digest, so a base model is fetched once per device, not per round."""
 
@@ -82,26 +95,29 @@ class ArtifactCache:
         self.root = Path(root)
         self.client = client
 
+    @property
+    def source(self) -> str:
+        """Who names the artifacts (the coordinator's URL), for messages."""
+        return getattr(self.client, "base_url", "(in process)")
+
     def fetch(self, ref: ArtifactRef) -> Path:
+        # ArtifactRef admits only a lowercase hex sha256, so the digest is a safe file name.
         path = self.root / "blobs" / ref.sha256
         if not path.exists():
             self.client.download(ref, path)
         return path
 
     def materialize(self, refs: list[ArtifactRef], prefix: str, target: Path) -> Path:
-        """Lay out `prefix/<file>` artifacts as a model directory (hard links, no copies)."""
+        """Lay out `prefix/<file>` artifacts as a model directory (hard links, no copies).
+
+        Every name is checked to stay inside `target` before anything is fetched or written
+        (UnsafePathError naming the artifact and the coordinator otherwise)."""
         target.mkdir(parents=True, exist_ok=True)
-        for ref in refs:
-            if not ref.name.startswith(prefix + "/"):
-                continue
-            blob = self.fetch(ref)
-            dest = target / ref.name[len(prefix) + 1 :]
-            if dest.exists():
-                dest.unlink()
-            try:
-                os.link(blob, dest)
-            except OSError:
-                shutil.copyfile(blob, dest)
+        chosen = [ref for ref in refs if ref.name.startswith(prefix + "/")]
+        dests = [safe_join(target, ref.name[len(prefix) + 1 :], what="artifact", source=self.source,
+                           full_name=ref.name) for ref in chosen]
+        for ref, dest in zip(chosen, dests, strict=True):
+            place(self.fetch(ref), dest)
         return target
 
 
@@ -121,7 +137,7 @@ class EdgeWorker:
         self.ctx = DeviceContext(records=records, eval_records=eval_records,
                                  cache=ArtifactCache(self.state_dir / "cache", self.client),
                                  state_dir=self.state_dir, say=self.say, progress=config.progress,
-                                 local_slm=config.local_slm)
+                                 local_slm=config.local_slm, coordinator=config.coordinator)
         self._handlers: dict[str, TaskHandler] = {}
         self._rng = random.Random()
 
@@ -147,16 +163,18 @@ class EdgeWorker:
             saved = json.loads(path.read_text())
             if saved.get("coordinator") == self.config.coordinator:
                 creds = ClientCredentials.model_validate(saved["credentials"])
+                self._check_ids(creds)
                 self.client.token = creds.token
                 return creds
         creds = self.client.register(self.config.enroll_token, self.registration())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"coordinator": self.config.coordinator,
-                                   "credentials": creds.model_dump()}))
-        tmp.chmod(0o600)
-        os.replace(tmp, path)
+        self._check_ids(creds)  # before they are kept: they name files in the state dir
+        write_private(path, json.dumps({"coordinator": self.config.coordinator, "credentials": creds.model_dump()}))
         self.say(f"enrolled as client {creds.client_id} in run {creds.run_id}")
         return creds
+
+    def _check_ids(self, creds: ClientCredentials) -> None:
+        check_name(creds.run_id, what="run id", source=self.config.coordinator)
+        check_name(creds.client_id, what="client id", source=self.config.coordinator)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -166,6 +184,10 @@ class EdgeWorker:
         waiting_logged: int | None = None
         while True:
             info = self.client.current_round(creds.run_id)
+            if info.run_id != creds.run_id:
+                raise RuntimeError(f"the coordinator at {self.config.coordinator} answered for run "
+                                   f"{info.run_id[:64]!r}, not this device's run {creds.run_id!r}; refusing "
+                                   "it: the coordinator is broken or hostile, or the URL is wrong")
             if info.run_state == RunState.finished:
                 return self._finish(info, result)
             if info.run_state == RunState.failed:
@@ -217,17 +239,20 @@ class EdgeWorker:
             self.say(f"no edge build fits this device: {listing.reason}")
             return None
         build = listing.best
-        target = out_dir / "build" / build.name
-        for ref in build.files:
-            dest = target / ref.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                dest.unlink()
-            try:
-                os.link(self.ctx.cache.fetch(ref), dest)
-            except OSError:
-                shutil.copyfile(self.ctx.cache.fetch(ref), dest)
-        BuildManifest.model_validate(build.manifest).write(target)
+        manifest = BuildManifest.model_validate(build.manifest)
+        # Every name is checked before anything is fetched or written.
+        source = self.config.coordinator
+        (out_dir / "build").mkdir(parents=True, exist_ok=True)
+        target = safe_join(out_dir / "build", build.name, what="build name", source=source, nested=False)
+        target.mkdir(exist_ok=True)
+        dests = [safe_join(target, ref.name, what=f"file of build {build.name!r}", source=source)
+                 for ref in build.files]
+        for name in (manifest.model_file, manifest.tokenizer_file):
+            if name is not None:
+                safe_join(target, name, what=f"manifest file of build {build.name!r}", source=source)
+        for ref, dest in zip(build.files, dests, strict=True):
+            place(self.ctx.cache.fetch(ref), dest)
+        manifest.write(target)
         self.say(f"pulled edge build {build.name} ({sum(f.size for f in build.files) / 2**20:.1f} MiB) into {target}")
         return target
 

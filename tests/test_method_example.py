@@ -32,13 +32,14 @@ def test_fedavgm_registers_and_runs_a_round_in_process(world: TinyWorld, tmp_pat
         cls.check_spec(spec.model_copy(update={"params": {"momentum": 1.5}}))
     strategy = cls(spec, BlobStore(tmp_path / "store"))
     means = []
-    aggregate = strategy.aggregate
+    aggregate = strategy.aggregate_round
 
-    def keep_mean(updates, schema):
-        means.append(aggregate(updates, schema))
-        return means[-1]
+    def keep_mean(updates, inputs):
+        result = aggregate(updates, inputs)
+        means.append(result.arrays)
+        return result
 
-    strategy.aggregate = keep_mean  # type: ignore[method-assign]
+    strategy.aggregate_round = keep_mean  # type: ignore[method-assign]
     devices = [Device(f"d{k}", read_jsonl(world.data[f"client_{k}"]), tmp_path / f"d{k}") for k in range(2)]
     final, history = run_inprocess(strategy, devices, 1, tmp_path)
     published = {ref.name: ref.sha256 for ref in history[0].info.artifacts}

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from common.protocol import ClientTask, LoraSpec, PrivacySpec, RoundInfo, RoundState, RunState, TrainSpec
-from edge_sdk.handlers.lora_sft import privatize_update
-from edge_sdk.privacy import gaussian_epsilon, l2_norm, privatize
+from edge_sdk.handlers.lora_sft import private_payload
+from edge_sdk.paths import UnsafePathError
+from edge_sdk.privacy import l2_norm, local_epsilon, privatize
 
 
 def _arrays(scale: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -38,28 +38,29 @@ def test_noise_has_the_promised_scale() -> None:
     assert float(np.std(out.arrays["w"])) == pytest.approx(1.0, rel=0.03)  # 0.5 * 2.0
 
 
-def test_accountant_matches_the_closed_form_and_composes() -> None:
-    # One release, sigma 1, delta 1e-5: min over alpha of alpha/2 + ln(1e5)/(alpha-1).
-    log_inv_delta = math.log(1e5)
-    alpha = 1 + math.sqrt(2 * log_inv_delta)
-    exact = alpha / 2 + log_inv_delta / (alpha - 1)
-    assert gaussian_epsilon(1.0, 1, 1e-5) == pytest.approx(exact, rel=0.01)
-    assert gaussian_epsilon(1.0, 4, 1e-5) > gaussian_epsilon(1.0, 1, 1e-5)
-    assert gaussian_epsilon(2.0, 4, 1e-5) < gaussian_epsilon(1.0, 4, 1e-5)
-    assert gaussian_epsilon(0.0, 1, 1e-5) == math.inf
-
-
-def test_device_reports_epsilon_spent_over_its_rounds(tmp_path) -> None:
+def test_device_reports_epsilon_spent_over_its_releases(tmp_path) -> None:
     ctx = SimpleNamespace(state_dir=tmp_path)
     task = ClientTask(lora=LoraSpec(), train=TrainSpec(), seed=0,
                       privacy=PrivacySpec(clip_norm=1.0, noise_multiplier=1.1, delta=1e-5))
     start, trained = _arrays(0.0), _arrays(1.0, seed=3)
     spent = []
-    for number in (1, 2, 2, 3):  # round 2 retried: counted once
+    # Round 2 asked twice: two noised updates were made, and the coordinator may hold both.
+    for number in (1, 2, 2, 3):
         info = RoundInfo(run_id="r", run_state=RunState.running, rounds_total=3, round=number,
                          state=RoundState.collecting, artifacts=[], task=task, submitted=False)
-        _arrays_out, report = privatize_update(ctx, info, start, trained)
+        report = private_payload(ctx, info, start, trained).metrics["privacy"]
         spent.append((report["releases"], report["epsilon"]))
-    assert [r for r, _ in spent] == [1, 2, 2, 3]
-    assert spent[0][1] < spent[1][1] == spent[2][1] < spent[3][1]
-    assert spent[3][1] == pytest.approx(gaussian_epsilon(1.1, 3, 1e-5))
+    assert [r for r, _ in spent] == [1, 2, 3, 4]
+    assert spent[0][1] < spent[1][1] < spent[2][1] < spent[3][1]
+    assert spent[3][1] == pytest.approx(local_epsilon(1.1, 4, 1e-5))
+
+
+def test_ledger_of_a_run_id_that_is_a_path_is_refused(tmp_path) -> None:
+    ctx = SimpleNamespace(state_dir=tmp_path / "state", coordinator="http://coordinator.example")
+    ctx.state_dir.mkdir()
+    task = ClientTask(lora=LoraSpec(), train=TrainSpec(), seed=0, privacy=PrivacySpec(noise_multiplier=1.0))
+    info = RoundInfo(run_id="../escaped", run_state=RunState.running, rounds_total=1, round=1,
+                     state=RoundState.collecting, artifacts=[], task=task, submitted=False)
+    with pytest.raises(UnsafePathError, match="run id"):
+        private_payload(ctx, info, _arrays(0.0), _arrays(1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]

@@ -263,6 +263,16 @@ def test_transfers_sum_per_round_client_and_direction(state: CoordinatorState) -
     assert sum(t.bytes for t in state.transfer_totals(run_id, 1)) == 25
 
 
+def test_byte_counts_past_32_bits(state: CoordinatorState) -> None:
+    """A device pulling a 3 GiB build: counts are 64-bit on every backend."""
+    run_id = _run(state, rounds=1)
+    a = _client(state, run_id, "a")
+    big = 3 * 2**30
+    state.record_transfer(run_id, a.id, Direction.down, big)
+    state.record_transfer(run_id, a.id, Direction.down, big)
+    assert state.transfer_totals(run_id, 1) == [TransferTotal(a.id, Direction.down, 2 * big)]
+
+
 def test_counts_for_metrics(state: CoordinatorState) -> None:
     first, second = _run(state, "r"), _run(state, "s")
     a = _client(state, first, "a")

@@ -6,13 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from cloud.api.bodies import ADMIN_JSON, CLIENT_JSON, GuardedRoute, body_rule
 from cloud.api.deps import ERRORS, ERRORS_422, AdminOnly, Coord, CurrentClient, RunId, Viewer
 from common.protocol import BuildInfo, BuildList, BuildRequest, DeviceBuildReport, DeviceProfile
 
-router = APIRouter(prefix="/v1/runs/{run_id}", tags=["builds"])
+router = APIRouter(prefix="/v1/runs/{run_id}", tags=["builds"], route_class=GuardedRoute)
 
 
 @router.post("/builds", status_code=201, responses=ERRORS_422, dependencies=[AdminOnly])
+@body_rule(ADMIN_JSON)
 def publish_builds(run_id: RunId, request: BuildRequest, coord: Coord) -> list[BuildInfo]:
     """Export the run's current SLM to edge builds now (GGUF / ONNX), with parity checks."""
     return coord.builds.publish(run_id, request.targets)
@@ -34,6 +36,7 @@ def list_builds(run_id: RunId, coord: Coord, viewer: Viewer,
 
 
 @router.post("/device-builds", status_code=201, responses=ERRORS_422)
+@body_rule(CLIENT_JSON)
 def report_device_build(run_id: RunId, report: DeviceBuildReport, coord: Coord,
                         client: CurrentClient) -> BuildInfo:
     """A device reports a build it made of its own SLM (sending the same again changes nothing);

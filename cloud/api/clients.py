@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from cloud.api.deps import ERRORS, AdminOnly, ClientId, Coord, Token
+from cloud.api.bodies import ENROLL_JSON, GuardedRoute, body_rule
+from cloud.api.deps import ERRORS, ERRORS_422, AdminOnly, ClientId, Coord, Token
 from common.protocol import ClientCredentials, ClientRegistration
 
-router = APIRouter(prefix="/v1/clients", tags=["clients"])
+router = APIRouter(prefix="/v1/clients", tags=["clients"], route_class=GuardedRoute)
 
 
-@router.post("", status_code=201, responses=ERRORS)
+@router.post("", status_code=201, responses=ERRORS_422)
+@body_rule(ENROLL_JSON)
 def register_client(reg: ClientRegistration, coord: Coord, token: Token) -> ClientCredentials:
     return coord.runs.enroll(token, reg)
 

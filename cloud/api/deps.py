@@ -10,6 +10,7 @@ from fastapi import Path as FastApiPath
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cloud.coordinator import Coordinator
+from cloud.errors import InvalidRequestDetail
 from cloud.state.records import ClientRecord
 from common.protocol import ErrorDetail
 
@@ -22,7 +23,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorDetail, "descrip
     (404, "no such resource (for this caller)"),
     (409, "conflicts with the run's state"),
 ]}
-ERRORS_422: dict[int | str, dict[str, Any]] = {**ERRORS, 422: {"model": ErrorDetail}}
+# ... and those of a route that takes a body.
+ERRORS_422: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    413: {"model": ErrorDetail, "description": "the body is over the route's limit"},
+    422: {"model": InvalidRequestDetail, "description": "the body does not fit the schema or the run"},
+}
 
 
 def get_coordinator(request: Request) -> Coordinator:

@@ -9,11 +9,15 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from cloud.api.bodies import BodyRule, GuardedRoute, body_rule, client_gate
 from cloud.api.deps import ERRORS, ClientId, Coord, CurrentClient, RoundNo, RunId, Token, Viewer
-from cloud.errors import ApiError
+from cloud.errors import InvalidRequestDetail
 from common.protocol import ErrorDetail, RoundInfo, RoundSummary, UpdateReceipt
 
-router = APIRouter(prefix="/v1/runs/{run_id}/rounds", tags=["rounds"])
+router = APIRouter(prefix="/v1/runs/{run_id}/rounds", tags=["rounds"], route_class=GuardedRoute)
+
+UPDATE_BODY = BodyRule(limit=lambda s: s.max_update_bytes, gate=client_gate, what="the update body",
+                       hint="check the LoRA settings (rank, target modules) of the run", streamed=True)
 
 
 # Before /{number}: "current" would otherwise be read as a (bad) round number.
@@ -30,21 +34,20 @@ def round_summary(run_id: RunId, number: RoundNo, coord: Coord, viewer: Viewer) 
 @router.put(
     "/{number}/updates/{client_id}",
     responses={**ERRORS, 200: {"model": UpdateReceipt, "description": "already accepted before"},
-               413: {"model": ErrorDetail}, 422: {"model": ErrorDetail}},
+               413: {"model": ErrorDetail}, 422: {"model": InvalidRequestDetail}},
     status_code=201,
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         "description": "safetensors file; metadata holds cotune.num_samples and cotune.metrics"}},
 )
+@body_rule(UPDATE_BODY)
 async def upload_update(run_id: RunId, number: RoundNo, client_id: ClientId, request: Request,
                         response: Response, coord: Coord, token: Token) -> UpdateReceipt:
     client = await run_in_threadpool(coord.auth.client, token)
     await run_in_threadpool(coord.updates.check_can_upload, client, run_id, number, client_id)
-    limit = coord.settings.max_update_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    spool = await _spool(request, coord.spool_dir, limit)
+    # A declared length over the limit was refused before this (GuardedRoute); a chunked body
+    # is refused as soon as it passes the limit.
+    spool = await _spool(request, coord.spool_dir, coord.settings.max_update_bytes)
     try:
         receipt = await run_in_threadpool(coord.updates.accept_update, client, run_id, number, spool)
     finally:
@@ -52,11 +55,6 @@ async def upload_update(run_id: RunId, number: RoundNo, client_id: ClientId, req
     if receipt.duplicate:
         response.status_code = 200
     return receipt
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "too_large", f"update body is over the {limit}-byte limit",
-                    "check the LoRA settings (rank, target modules) of the run")
 
 
 async def _spool(request: Request, spool_dir: Path, limit: int) -> Path:
@@ -69,7 +67,7 @@ async def _spool(request: Request, spool_dir: Path, limit: int) -> Path:
             async for chunk in request.stream():
                 written += len(chunk)
                 if written > limit:
-                    raise _too_large(limit)
+                    raise UPDATE_BODY.too_large(limit)
                 fh.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)

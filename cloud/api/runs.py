@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from cloud.api.bodies import ADMIN_JSON, GuardedRoute, body_rule
 from cloud.api.deps import ERRORS, ERRORS_422, AdminOnly, Coord, RunId, Viewer
 from common.protocol import RunCreated, RunSpec, RunStatus
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=201, responses=ERRORS_422, dependencies=[AdminOnly])
+@body_rule(ADMIN_JSON)
 def create_run(spec: RunSpec, coord: Coord, response: Response) -> RunCreated:
     created = coord.runs.create(spec)
     if not created.created:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,9 @@ class BuildsService:
         self.store = store
         self.runs = runs
         self.work_dir = Path(work_dir)
+        # One export at a time in this process (the admin's and the round driver's): two would
+        # race to record the same builds. Replicas take the build lease (cloud/rounds.py).
+        self._exporting = threading.Lock()
 
     def _exportable(self, run: RunRecord) -> tuple[ServedModel | None, Holdings]:
         held = self.runs.holdings(run)
@@ -53,9 +57,6 @@ class BuildsService:
 
     def publish(self, run_id: str, targets: list[str]) -> list[BuildInfo]:
         """Export the model the run's strategy names (as of its last closed round) to `targets`."""
-        from export.errors import ExportError
-        from export.pipeline import export_builds
-
         run = self.runs.get(run_id)
         served, held = self._exportable(run)
         if served is None:
@@ -63,6 +64,15 @@ class BuildsService:
                            f"run {run.name!r} ({run.algorithm}) keeps each device's SLM on the device, so the "
                            "coordinator has no model to build; each device builds its own and reports it",
                            f"list the run's builds with GET /v1/runs/{run_id}/builds")
+        with self._exporting:
+            infos = self._export(run_id, served, held, targets)
+        log.info("run %s: published builds %s of round %d", run_id, [i.name for i in infos], held.round)
+        return infos
+
+    def _export(self, run_id: str, served: ServedModel, held: Holdings, targets: list[str]) -> list[BuildInfo]:
+        from export.errors import ExportError
+        from export.pipeline import export_builds
+
         work = Path(tempfile.mkdtemp(prefix="builds-", dir=self.work_dir))
         try:
             try:
@@ -81,26 +91,27 @@ class BuildsService:
             self.state.upsert_builds(builds, files)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        log.info("run %s: published builds %s of round %d", run_id, [i.name for i in infos], held.round)
         return infos
 
-    def publish_finished_runs(self) -> bool:
-        """Publish the builds each finished run's spec asks for, once; True if any run was handled."""
-        pending = [r for r in self.state.list_runs(RunState.finished)
-                   if r.spec.get("builds") and "builds" not in r.metrics]
-        for run in pending:
-            record: dict[str, Any]
-            if self._exportable(run)[0] is None:
-                record = {"names": [], "on_devices": True}  # nothing to do here: the devices build
-            else:
-                try:
-                    record = {"names": [b.name for b in self.publish(run.id, run.spec["builds"])]}
-                except Exception as exc:  # the run itself succeeded; only its builds failed
-                    log.exception("run %s: publishing builds failed", run.id)
-                    message = exc.detail.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
-                    record = {"error": message}
-            self.state.set_run_metrics(run.id, {"builds": record})
-        return bool(pending)
+    def pending_runs(self) -> list[RunRecord]:
+        """Finished runs whose spec asks for builds that have not been published (nor failed)."""
+        return [r for r in self.state.list_runs(RunState.finished)
+                if r.spec.get("builds") and "builds" not in r.metrics]
+
+    def publish_run(self, run: RunRecord) -> None:
+        """Publish the builds a finished run's spec asks for and record how it went. The round
+        driver calls this under the run's build lease, so one replica does it, once."""
+        record: dict[str, Any]
+        if self._exportable(run)[0] is None:
+            record = {"names": [], "on_devices": True}  # nothing to do here: the devices build
+        else:
+            try:
+                record = {"names": [b.name for b in self.publish(run.id, run.spec["builds"])]}
+            except Exception as exc:  # the run itself succeeded; only its builds failed
+                log.exception("run %s: publishing builds failed", run.id)
+                message = exc.detail.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+                record = {"error": message}
+        self.state.set_run_metrics(run.id, {"builds": record})
 
     def report_device_build(self, client: ClientRecord, run_id: str, report: DeviceBuildReport) -> BuildInfo:
         """Record a build a device made of its own SLM; only it and the admin will see it."""

@@ -17,7 +17,7 @@ from cloud.errors import ApiError, not_found, unauthorized
 from cloud.models import ModelHolder
 from cloud.services.auth import check_member
 from cloud.services.builds import builds_state
-from cloud.state import CoordinatorState, RunExists
+from cloud.state import CoordinatorState, RunExists, RunFull
 from cloud.state.records import ArtifactRecord, ClientRecord, NewRun, RoundRecord, RunRecord
 from cloud.store import BlobStore
 from cloud.strategies import SpecError, Strategy, strategy_class
@@ -39,6 +39,12 @@ log = logging.getLogger("cotune.runs")
 StrategyFactory = Callable[[RunSpec], Strategy]
 
 
+def device_run_error(run: RunRecord) -> str:
+    """What a device is told of a failed run: the recorded error (exception text, paths on the
+    coordinator's disk) is for the admin only."""
+    return f"run_failed: round {run.current_round} failed on the coordinator; its operator can see why"
+
+
 def strategy_factory(store: BlobStore, holder: ModelHolder) -> StrategyFactory:
     """Strategies as the coordinator makes them: by the spec's algorithm, on its store and models."""
     return lambda spec: strategy_class(spec.algorithm)(spec, store, holder)
@@ -53,11 +59,27 @@ class Holdings:
     round: int
 
 
+def spec_differences(stored: dict[str, Any], spec: RunSpec) -> list[str]:
+    """The top-level fields in which `spec` differs from a stored run's spec (enroll token aside).
+    The stored spec is read through RunSpec first, so fields added since it was stored count
+    at their defaults and a run made by an older coordinator still resumes."""
+    try:
+        before = json.loads(RunSpec.model_validate({**stored, "enroll_token": None}).model_dump_json())
+    except ValueError:  # stored by a coordinator whose RunSpec this one no longer accepts
+        before = dict(stored)
+    after = json.loads(spec.model_dump_json())
+    return sorted(k for k in before.keys() | after.keys() if k != "enroll_token" and before.get(k) != after.get(k))
+
+
 class RunsService:
-    def __init__(self, state: CoordinatorState, store: BlobStore, factory: StrategyFactory) -> None:
+    def __init__(self, state: CoordinatorState, store: BlobStore, factory: StrategyFactory,
+                 model_lock: threading.Lock | None = None) -> None:
         self.state = state
         self.store = store
         self._factory = factory
+        # Held models are shared with the round driver and /v1/generate (see Coordinator):
+        # preparing a run's starting models on them must take turns with those.
+        self.model_lock = model_lock if model_lock is not None else threading.Lock()
         self._strategies: dict[str, Strategy] = {}
         self._strategies_lock = threading.Lock()
 
@@ -99,13 +121,18 @@ class RunsService:
             strategy_class(spec.algorithm).check_spec(spec)
         except SpecError as exc:
             raise ApiError(422, "invalid_spec", str(exc)) from None
+        if spec.max_devices < spec.min_clients:
+            raise ApiError(422, "invalid_spec", f"max_devices ({spec.max_devices}) is below min_clients "
+                           f"({spec.min_clients}): no round could ever reach its quorum",
+                           "raise max_devices or lower min_clients")
         resent = self._resent(spec)
         if resent is not None:
             return resent
         enroll_token = spec.enroll_token or new_token()
         strategy = self._factory(spec)
         try:
-            inputs = strategy.initial_inputs()
+            with self.model_lock:
+                inputs = strategy.initial_inputs()
         except (OSError, ValueError) as exc:
             raise ApiError(422, "invalid_spec", f"cannot prepare the run's models: {exc}") from None
         stored_spec = json.loads(spec.model_copy(update={"enroll_token": None}).model_dump_json())
@@ -130,12 +157,14 @@ class RunsService:
         existing = self.state.run_by_name(spec.name)
         if existing is None:
             return None
-        same_spec = ({k: v for k, v in existing.spec.items() if k != "enroll_token"}
-                     == spec.model_dump(exclude={"enroll_token"}))
-        if same_spec and spec.enroll_token and hash_token(spec.enroll_token) == existing.enroll_token_hash:
+        differences = spec_differences(existing.spec, spec)
+        if differences:  # names only: the values may be paths or settings the caller sent
+            raise ApiError(409, "run_exists", f"a run named {spec.name!r} already exists with another spec: "
+                           f"{', '.join(differences)} differ", "choose another name, or resend the run's own spec")
+        if spec.enroll_token and hash_token(spec.enroll_token) == existing.enroll_token_hash:
             return RunCreated(run_id=existing.id, name=existing.name, enroll_token=spec.enroll_token, created=False)
-        raise ApiError(409, "run_exists", f"a run named {spec.name!r} already exists",
-                       "choose another name, or resend the same spec with its enroll token")
+        raise ApiError(409, "run_exists", f"a run named {spec.name!r} already exists with another enroll token",
+                       "choose another name, or resend the same spec with the run's enroll token")
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -152,9 +181,10 @@ class RunsService:
         if initial is not None:
             summaries.insert(0, RoundSummary(round=0, state=RoundState.closed, num_updates=0,
                                              num_samples=0, metrics=initial))
+        error = run.error if viewer is None or run.error is None else device_run_error(run)
         return RunStatus(run_id=run.id, name=run.name, algorithm=run.algorithm, state=run.state,
                          rounds_total=run.spec["rounds"], current_round=run.current_round,
-                         num_clients=self.state.count_active_clients(run.id), error=run.error, rounds=summaries)
+                         num_clients=self.state.count_active_clients(run.id), error=error, rounds=summaries)
 
     def round_summary(self, run_id: str, number: int, viewer: ClientRecord | None = None) -> RoundSummary:
         check_member(viewer, run_id, "a client may only read the run it belongs to")
@@ -208,9 +238,14 @@ class RunsService:
         except SpecError as exc:
             raise ApiError(409, "cannot_join", str(exc)) from None
         token = new_token()
-        client = self.state.enroll_client(ClientRecord(
-            id=uuid.uuid4().hex, run_id=run.id, name=reg.name, token_hash=hash_token(token),
-            profile={**reg.profile.model_dump(), "task_kinds": reg.task_kinds,
-                     "slm": reg.slm.model_dump() if reg.slm else None}))
+        limit = RunSpec.model_validate(run.spec).max_devices
+        try:
+            client = self.state.enroll_client(ClientRecord(
+                id=uuid.uuid4().hex, run_id=run.id, name=reg.name, token_hash=hash_token(token),
+                profile={**reg.profile.model_dump(), "task_kinds": reg.task_kinds,
+                         "slm": reg.slm.model_dump() if reg.slm else None}), max_clients=limit)
+        except RunFull:
+            raise ApiError(409, "run_full", f"run {run.name!r} already has its {limit} devices (max_devices)",
+                           "ask the run's operator to revoke a device that left the run") from None
         log.info("enrolled client %s (%s) into run %s", client.id, reg.name, run.name)
         return ClientCredentials(client_id=client.id, run_id=run.id, token=token)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from cloud.state.base import CoordinatorState, RunExists, StateError, StateUnavailable
+from cloud.state.base import CoordinatorState, RunExists, RunFull, StateError, StateUnavailable
 from cloud.state.sql import SqlState
 
-__all__ = ["CoordinatorState", "RunExists", "SqlState", "StateError", "StateUnavailable"]
+__all__ = ["CoordinatorState", "RunExists", "RunFull", "SqlState", "StateError", "StateUnavailable"]

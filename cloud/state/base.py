@@ -10,7 +10,7 @@ database, or a coordinator restarted after a crash, never apply a step twice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,10 @@ class StateError(Exception):
 
 class RunExists(StateError):
     """A run with that name or enroll token is already stored (maybe by another replica)."""
+
+
+class RunFull(StateError):
+    """The run already has as many active clients as it allows (`RunSpec.max_devices`)."""
 
 
 class StateUnavailable(StateError):
@@ -123,7 +127,10 @@ class CoordinatorState(ABC):
     # -- clients ---------------------------------------------------------------------------
 
     @abstractmethod
-    def enroll_client(self, client: ClientRecord) -> ClientRecord: ...
+    def enroll_client(self, client: ClientRecord, max_clients: int | None = None) -> ClientRecord:
+        """Store a client. With `max_clients`, only while its run has fewer active (unrevoked)
+        clients, counted in the same transaction as the insert, so concurrent enrollments
+        cannot overshoot it; RunFull (and nothing stored) otherwise."""
 
     @abstractmethod
     def get_client(self, client_id: str) -> ClientRecord | None: ...
@@ -142,13 +149,17 @@ class CoordinatorState(ABC):
     # -- updates ---------------------------------------------------------------------------
 
     @abstractmethod
-    def insert_update(self, update: UpdateRecord) -> UpdateInsert:
+    def insert_update(self, update: UpdateRecord, before_commit: Callable[[], object] | None = None) -> UpdateInsert:
         """Accept a client's update into an open or collecting round of a running run, once.
 
         With it, in the same transaction: its upload in the transfer totals and its blob as a
         run artifact no client may download. Sending the same bytes again is `duplicate`,
         other bytes `conflict`, a round that stopped taking updates `closed`; none of those
-        changes anything."""
+        changes anything. The round's state is checked and the update inserted under one lock,
+        so an update never lands in a round that has left collecting.
+
+        `before_commit` runs only when the update is accepted, after its rows are written and
+        before they commit (the service stores the blob there); if it raises, nothing commits."""
 
     @abstractmethod
     def get_update(self, run_id: str, number: int, client_id: str) -> UpdateRecord | None: ...

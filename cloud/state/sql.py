@@ -9,7 +9,7 @@ for one step at most one commits (ARCHITECTURE.md, "Round state machine").
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from cloud.state.base import CoordinatorState, RunExists, StateUnavailable
+from cloud.state.base import CoordinatorState, RunExists, RunFull, StateUnavailable
 from cloud.state.records import (
     ArtifactRecord,
     BuildRecord,
@@ -90,6 +90,17 @@ def _add_missing_columns(engine: Engine) -> None:
     if "client_id" not in {c["name"] for c in inspect(engine).get_columns("builds")}:
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE builds ADD COLUMN client_id VARCHAR(32) REFERENCES clients (id)"))
+    # Byte counts and sizes were 32-bit INTEGER on PostgreSQL, too small for a build over 2 GiB.
+    # (SQLite's INTEGER is already 64-bit.)
+    if engine.dialect.name == "postgresql":
+        wide = [("transfers", "bytes"), ("updates", "size"), ("artifacts", "size")]
+        narrow = [(table, column) for table, column in wide
+                  if str(next(c["type"] for c in inspect(engine).get_columns(table) if c["name"] == column))
+                  == "INTEGER"]
+        if narrow:
+            with engine.begin() as conn:
+                for table, column in narrow:
+                    conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
 
 
 class SqlState(CoordinatorState):
@@ -266,10 +277,20 @@ class SqlState(CoordinatorState):
 
     # -- clients ---------------------------------------------------------------------------
 
-    def enroll_client(self, client: ClientRecord) -> ClientRecord:
+    def enroll_client(self, client: ClientRecord, max_clients: int | None = None) -> ClientRecord:
         with self._tx(write=True) as s:
+            if max_clients is not None and self.engine.dialect.name != "sqlite":
+                # Enrollments into one run take turns on its row, so each counts the others' rows.
+                # SQLite needs no lock: the insert below takes its one write lock until commit.
+                s.execute(select(Run.id).where(Run.id == client.run_id).with_for_update())
             s.add(Client(id=client.id, run_id=client.run_id, name=client.name, token_hash=client.token_hash,
                          profile=dict(client.profile), revoked=client.revoked))
+            s.flush()
+            if max_clients is not None:
+                active = s.scalar(select(func.count()).select_from(Client).where(
+                    Client.run_id == client.run_id, Client.revoked.is_(False))) or 0
+                if active > max_clients:  # rolls the insert back
+                    raise RunFull(f"run {client.run_id} has its {max_clients} clients")
         return client
 
     def get_client(self, client_id: str) -> ClientRecord | None:
@@ -297,12 +318,16 @@ class SqlState(CoordinatorState):
 
     # -- updates ---------------------------------------------------------------------------
 
-    def insert_update(self, update: UpdateRecord) -> UpdateInsert:
+    def insert_update(self, update: UpdateRecord, before_commit: Callable[[], object] | None = None) -> UpdateInsert:
         with self._tx(write=True) as s:
+            # A write first, before any check: it takes the round row's lock on PostgreSQL and the
+            # database's write lock on SQLite (whose driver begins the transaction only at the
+            # first write, so checks read before it could be stale by the insert). Until commit
+            # no transition can move the round, nor another upload of this client slip in.
+            s.execute(Round.__table__.update().where(Round.run_id == update.run_id, Round.number == update.round)
+                      .values(state=Round.state))
             run = s.get(Run, update.run_id)
-            # Lock the round row (a no-op on SQLite, whose writers are serialized anyway) so a
-            # concurrent transition cannot slip between this check and the insert.
-            rnd = s.scalar(_round_query(update.run_id, update.round).with_for_update())
+            rnd = s.scalar(_round_query(update.run_id, update.round))
             if run is None or rnd is None or run.state != RunState.running.value or rnd.state not in _ACCEPTING:
                 return UpdateInsert(UpdateOutcome.closed, None)
             previous = s.scalar(select(Update).where(Update.round_id == rnd.id, Update.client_id == update.client_id))
@@ -315,6 +340,9 @@ class SqlState(CoordinatorState):
             s.add(Transfer(run_id=update.run_id, client_id=update.client_id, round=update.round,
                            direction=Direction.up.value, bytes=update.size))
             _add_artifacts(s, update.run_id, [ArtifactRecord(update.sha256, update.size, client_visible=False)])
+            if before_commit is not None:
+                s.flush()  # the rows are in (constraints checked) before the caller stores the blob
+                before_commit()
         return UpdateInsert(UpdateOutcome.accepted, update)
 
     def get_update(self, run_id: str, number: int, client_id: str) -> UpdateRecord | None:

@@ -1,30 +1,39 @@
-"""The interface every co-tuning strategy implements, and the streaming weighted mean.
+"""The interface every co-tuning strategy implements.
 
 The coordinator core (cloud/service.py, cloud/rounds.py) only ever calls these methods:
 it knows nothing of LoRA, distillation or models. A round's artifacts are a mapping
 name -> sha256; which names devices may download, which one they upload a new version of,
 where the LLM's adapter and the exportable SLM are, all come from the method's contract
-(common.methods; ARCHITECTURE.md, "Methods").
+(common.methods; ARCHITECTURE.md, "Methods"). How updates are aggregated is the run's choice
+(`RunSpec.aggregation`), made in cloud/strategies/aggregation.py.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from cloud.models import ModelHolder
 from cloud.store import BlobStore
+from cloud.strategies.aggregation import Aggregate, UpdateFile, weighted_mean
+from cloud.strategies.aggregation import aggregate as aggregate_updates
 from common.methods import MethodContract
-from common.protocol import ClientRegistration, ClientTask, LoraSpec, RunSpec
-from common.tensorfile import Schema, check_schema, load_arrays, read_header, schema_of
+from common.methods.reports import checked_metrics
+from common.protocol import AggregationRule, ClientRegistration, ClientTask, LoraSpec, RunSpec
+from common.tensorfile import Schema, read_header, schema_of
 
 P = TypeVar("P", bound=BaseModel)
+log = logging.getLogger("cotune.strategies")
+
+__all__ = ["Aggregate", "ServedModel", "SpecError", "StepResult", "Strategy", "UpdateFile", "parse_params",
+           "weighted_mean"]
 
 
 class SpecError(ValueError):
@@ -45,12 +54,6 @@ class ServedModel:
     lora: LoraSpec
     seed: int
     adapter_digest: str
-
-
-@dataclass(frozen=True)
-class UpdateFile:
-    path: Path
-    num_samples: int
 
 
 def parse_params(model: type[P], params: dict[str, Any], algorithm: str) -> P:
@@ -94,6 +97,40 @@ class Strategy(ABC):
         """Raise SpecError before anything is created if the spec cannot run."""
         parse_params(cls.run_params(), spec.params, cls.name)
         cls.check_builds(spec.builds)
+        cls.check_aggregation(spec)
+
+    @classmethod
+    def check_aggregation(cls, spec: RunSpec) -> None:
+        """Refuse an aggregation this method's updates cannot take, or one a quorum round defeats.
+
+        Coordinate-wise rules and norm bounds are for updates that are the round's adapter
+        trained further. Uploads of other values (`contract.update_tensors`, e.g. CrossLM's
+        per-sample scores) take the weighted mean only, unless their strategy overrides this.
+        """
+        agg = spec.aggregation
+        if cls.contract.update_tensors:
+            what = f"{cls.name} devices upload {', '.join(cls.contract.update_tensors)}, not an adapter"
+            if agg.norm_bound is not None:
+                raise SpecError(f"aggregation.norm_bound bounds an update's change from the round's adapter; {what}: "
+                                "remove norm_bound")
+            if agg.rule is not AggregationRule.mean:
+                raise SpecError(f"aggregation.rule {agg.rule.value!r} works coordinate by coordinate, which would "
+                                f"pair one device's values with another's; {what}: use rule 'mean' (with "
+                                "max_weight_share to cap what one device weighs)")
+        quorum = spec.min_clients
+        if agg.max_weight_share is not None and agg.max_weight_share * quorum < 1:
+            least = math.ceil(1 / agg.max_weight_share)
+            raise SpecError(f"aggregation.max_weight_share {agg.max_weight_share} cannot hold in a round that closes "
+                            f"with min_clients = {quorum} updates ({quorum} x {agg.max_weight_share} < 1): raise it "
+                            f"to at least {1 / quorum:.4g}, or min_clients to at least {least}")
+        if agg.rule is AggregationRule.median and quorum < 3:
+            raise SpecError(f"aggregation.rule 'median' of {quorum} updates is their mean, which one device can "
+                            "steer: set min_clients to at least 3")
+        if agg.rule is AggregationRule.trimmed_mean and int(agg.trim * quorum) < 1:
+            fix = (f"raise trim_fraction to at least 1/min_clients ({1 / quorum:.4g})" if quorum >= 3
+                   else "set min_clients to at least 3 and trim_fraction to at least 1/min_clients")
+            raise SpecError(f"aggregation.trim_fraction {agg.trim} drops no update from a round that closes with "
+                            f"min_clients = {quorum} updates, which leaves a plain mean: {fix}")
 
     @classmethod
     def check_builds(cls, builds: Sequence[str]) -> None:
@@ -145,8 +182,22 @@ class Strategy(ABC):
         """Uploads must have exactly the tensors of the adapter the round published."""
         return schema_of(read_header(self.store.path(inputs[self.update_artifact])))
 
-    def aggregate(self, updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:
-        return weighted_mean(updates, schema)
+    def aggregate_round(self, updates: Iterable[UpdateFile], inputs: Mapping[str, str]) -> Aggregate:
+        """The round's updates aggregated under the run's rule (`RunSpec.aggregation`), weights
+        capped by `max_samples_per_update`, and the figures the round reports about it.
+        `inputs` are the round's inputs: the update schema and, for norm bounding, the start.
+
+        Under local DP a device's sample count is private (it declares 1), so every update
+        weighs the same and no device can claim more."""
+        agg = self.spec.aggregation
+        reference = self.store.path(inputs[self.update_artifact]) if agg.norm_bound is not None else None
+        max_samples = 1 if self.spec.privacy is not None else self.spec.max_samples_per_update
+        return aggregate_updates(updates, self.update_schema(dict(inputs)), agg, max_samples,
+                                 reference=reference, scratch=self._scratch())
+
+    def _scratch(self) -> Path:
+        # The store's scratch folder (BlobStore makes it): on the data disk, beside the updates.
+        return self.store.root / "tmp"
 
     @abstractmethod
     def server_step(
@@ -176,34 +227,27 @@ class Strategy(ABC):
         """The pydantic model a device's update metrics must validate against."""
         return self.contract.device_metrics
 
+    def check_device_metrics(self, value: Any) -> dict[str, Any]:
+        """A device's metrics (parsed JSON) bounded and validated against the schema: what to store.
+        Raises pydantic's ValidationError, or ValueError for a size bound, saying what is wrong."""
+        return checked_metrics(self.device_metrics_schema(), value)
+
     def round_metrics(self, device_metrics: Sequence[Mapping[str, Any] | BaseModel]) -> dict[str, Any]:
-        """Round-level figures from the devices' (validated) metrics: the worst epsilon spent."""
+        """Round-level figures from the devices' (validated) metrics: the worst epsilon spent.
+
+        Stored metrics are read defensively (a row stored before the schema was checked, or by an
+        older coordinator): an epsilon that is not a finite number >= 0 is left out, with a log line.
+        """
         epsilons = []
         for metrics in device_metrics:
             data = metrics.model_dump() if isinstance(metrics, BaseModel) else metrics
-            privacy = data.get("privacy")
-            if isinstance(privacy, Mapping) and privacy.get("epsilon") is not None:
-                epsilons.append(privacy["epsilon"])
+            privacy = data.get("privacy") if isinstance(data, Mapping) else None
+            epsilon = privacy.get("epsilon") if isinstance(privacy, Mapping) else None
+            if epsilon is None:
+                continue
+            if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
+                log.warning("a device's privacy epsilon is not a finite number >= 0; left out of the round's figures")
+                continue
+            epsilons.append(float(epsilon))
         return {"privacy_epsilon_max": max(epsilons)} if epsilons else {}
 
-
-def weighted_mean(updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:
-    """Sample-weighted mean of updates, streamed: one update is mapped at a time.
-
-    Memory is one float64 accumulator per tensor, whatever the number of clients.
-    """
-    sums: dict[str, np.ndarray] | None = None
-    total = 0
-    for update in updates:
-        header = read_header(update.path)
-        check_schema(header, schema)
-        arrays = load_arrays(update.path, header)
-        if sums is None:
-            sums = {name: np.zeros(arr.shape, dtype=np.float64) for name, arr in arrays.items()}
-        for name, arr in arrays.items():
-            sums[name] += arr.astype(np.float64) * update.num_samples
-        total += update.num_samples
-        del arrays
-    if sums is None or total <= 0:
-        raise ValueError("no updates with samples to aggregate")
-    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}

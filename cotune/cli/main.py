@@ -92,12 +92,15 @@ def serve(
 
     Settings come from COTUNE_* environment variables, then --config, then flags. With a
     run in the config (or --run-name and --slm) the run is created at start-up, or resumed
-    if the state database already holds it.
+    if the state database already holds it with the same spec. Without an enroll token the
+    run gets one, kept in a file beside the state (mode 0600) for later starts.
     """
     import uvicorn
 
     from cloud.app import create_app
+    from cloud.auth import new_token
     from cloud.settings import check_tls, load_settings
+    from cloud.startup import admin_token_path, write_secret
 
     _threads(threads)
     run: dict[str, Any] = {k: v for k, v in {
@@ -112,16 +115,33 @@ def serve(
     )
     check_tls(settings)
     if settings.admin_token is None:
-        from cloud.auth import new_token
-
         settings.admin_token = new_token()
-        token_file = Path(settings.artifact_dir).parent / "admin_token"
-        token_file.parent.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(settings.admin_token)
-        token_file.chmod(0o600)
+        token_file = admin_token_path(settings)
+        write_secret(token_file, settings.admin_token)
         typer.echo(f"admin token written to {token_file}")
+    if settings.run is not None:
+        settings.run = _start_up_run(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
                 ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+
+
+def _start_up_run(settings: Any) -> Any:
+    """The config's run with the enroll token it is created or resumed with (cloud.startup);
+    a new token is printed once, when it is made."""
+    from cloud.startup import enroll_token_path, prepare_start_up_run
+    from cloud.state import SqlState
+
+    state = SqlState(settings.state_url)
+    try:
+        prepared = prepare_start_up_run(settings.run, state, enroll_token_path(settings, settings.run.name))
+    finally:
+        state.close()
+    name = prepared.spec.name
+    if prepared.generated:
+        typer.echo(f"run {name}: devices enroll with {prepared.spec.enroll_token} (kept in {prepared.token_file})")
+    elif prepared.token_file is not None:
+        typer.echo(f"run {name}: devices enroll with the token in {prepared.token_file}")
+    return prepared.spec
 
 
 @edge_app.command("join")

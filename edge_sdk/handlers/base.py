@@ -29,6 +29,7 @@ class DeviceContext:
     say: Callable[[str], None]
     progress: bool = True
     local_slm: Path | None = None
+    coordinator: str = "(unknown)"  # its URL: messages about names it sent say who sent them
 
 
 @dataclass

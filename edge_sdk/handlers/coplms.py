@@ -18,7 +18,7 @@ from typing import Any
 from common.methods.coplms import CONTRACT, PROXY_PREFIX, CoPlmsDeviceParams
 from common.protocol import RoundInfo
 from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload
-from edge_sdk.handlers.lora_sft import LoraSftHandler, privatize_update
+from edge_sdk.handlers.lora_sft import LoraSftHandler, private_payload
 from edge_sdk.handlers.own_slm import OwnSlm
 
 
@@ -68,8 +68,8 @@ class CoPlmsHandler(LoraSftHandler):
         if self.ctx.eval_records:
             metrics["local_eval_after"] = evaluate(slm, slm_tok, self.ctx.eval_records)
         arrays = {name: t.numpy() for name, t in adapter_state(proxy).items()}
-        if info.task.privacy is not None:  # only the proxy leaves the device: that is what gets noised
-            arrays, metrics["privacy"] = privatize_update(self.ctx, info, start, arrays)
+        if info.task.privacy is not None:  # only the proxy leaves the device, noised; the metrics stay here
+            return private_payload(self.ctx, info, start, arrays)
         return UpdatePayload(arrays=arrays, num_samples=len(records), metrics=metrics)
 
     def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:

@@ -11,30 +11,33 @@ from common.methods.contract import ADAPTER_FILE, SLM_PREFIX, adapter_artifact
 from common.methods.fedavg import LORA_SFT
 from common.protocol import RoundInfo
 from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
+from edge_sdk.paths import check_name
 
 
-def privatize_update(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: dict[str, Any]
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Clip and noise the update on the device; count the releases this device has made in
-    the run (kept in its state directory) to report the privacy spent so far."""
-    from edge_sdk.privacy import gaussian_epsilon, privatize
+def private_payload(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: dict[str, Any]) -> UpdatePayload:
+    """The update as it may leave the device under local DP (edge_sdk.privacy): the change
+    clipped and noised, the DP block as its only metrics and a fixed sample count. Nothing
+    else about the local data (loss, scores, norms, the sample count) goes with it.
+
+    Every call is a release, counted in the device's ledger for the run (kept in its state
+    directory) before the update can leave: the epsilon reported covers this release too.
+    """
+    from edge_sdk.privacy import DECLARED_SAMPLES, local_epsilon, privatize
 
     spec = info.task.privacy
-    ledger_path = Path(ctx.state_dir) / f"privacy-{info.run_id}.json"
+    run_id = check_name(info.run_id, what="run id", source=getattr(ctx, "coordinator", "(unknown)"))
+    ledger_path = Path(ctx.state_dir) / f"privacy-{run_id}.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"rounds": []}
-    if info.round not in ledger["rounds"]:
-        ledger["rounds"].append(info.round)
+    ledger["rounds"].append(info.round)
     result = privatize(start, trained, spec.clip_norm, spec.noise_multiplier)
-    releases = len(ledger["rounds"])
     tmp = ledger_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ledger))
     tmp.replace(ledger_path)
-    epsilon = gaussian_epsilon(spec.noise_multiplier, releases, spec.delta)
-    return result.arrays, {
-        "epsilon": epsilon if epsilon != float("inf") else None, "delta": spec.delta, "releases": releases,
-        "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier,
-        "update_norm": round(result.norm_before, 6), "clipped": result.clipped,
-    }
+    releases = len(ledger["rounds"])
+    epsilon = local_epsilon(spec.noise_multiplier, releases, spec.delta)
+    block = {"epsilon": epsilon if epsilon != float("inf") else None, "delta": spec.delta, "releases": releases,
+             "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier}
+    return UpdatePayload(arrays=result.arrays, num_samples=DECLARED_SAMPLES, metrics={"privacy": block})
 
 
 class LoraSftHandler(TaskHandler):
@@ -78,8 +81,8 @@ class LoraSftHandler(TaskHandler):
         metrics["train"] = train_lora(model, tokenizer, self.ctx.records, info.task.train, seed=info.task.seed,
                                       progress=self.ctx.progress)
         arrays = {name: t.numpy() for name, t in adapter_state(model).items()}
-        if info.task.privacy is not None:
-            arrays, metrics["privacy"] = privatize_update(self.ctx, info, start, arrays)
+        if info.task.privacy is not None:  # the metrics above stay here: they are the private data's
+            return private_payload(self.ctx, info, start, arrays)
         return UpdatePayload(arrays=arrays, num_samples=len(self.ctx.records), metrics=metrics)
 
     def finish(self, info: RoundInfo, out_dir: Path) -> FinalArtifacts:

@@ -20,6 +20,7 @@ from typing import Any
 from common.methods.contract import ADAPTER_FILE, adapter_artifact
 from common.protocol import RoundInfo
 from edge_sdk.handlers.base import DeviceContext, FinalArtifacts
+from edge_sdk.paths import check_name
 
 _ADAPTER = re.compile(r"^adapter-r(\d+)\.safetensors$")
 
@@ -35,7 +36,8 @@ class OwnSlm:
         self._base_dir: Path | None = None
 
     def _dir(self, info: RoundInfo) -> Path:
-        return self.ctx.state_dir / self.method / info.run_id
+        run_id = check_name(info.run_id, what="run id", source=self.ctx.coordinator)  # a folder name here
+        return self.ctx.state_dir / self.method / run_id
 
     def base_dir(self, info: RoundInfo) -> Path:
         if self.ctx.local_slm is not None:

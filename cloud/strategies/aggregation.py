@@ -1,0 +1,208 @@
+"""Aggregation rules: how a round's updates become one, so that a minority of hostile devices
+cannot steer the result (ARCHITECTURE.md, "Round state machine").
+
+- Weights: an update weighs its declared sample count, clipped to the run's
+  `max_samples_per_update`; with `aggregation.max_weight_share`, the largest weights are then
+  lowered together (water-filling) until none carries more than that share of the round's total.
+- Norm bounding (`aggregation.norm_bound`): an update's change from the round's starting
+  adapter is scaled down to that L2 norm, over all its tensors together, before any rule sees it.
+- Rules: `mean` is weighted and streamed (one float64 accumulator per tensor, one update mapped
+  at a time). `median` and `trimmed_mean` are coordinate-wise and give every update one vote;
+  they need all updates at once, so the updates are written into one memory-mapped float32
+  stack on disk (updates x coordinates) and reduced one block of coordinates at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.protocol import AggregationRule, AggregationSpec
+from common.tensorfile import Schema, check_schema, load_arrays, read_header
+
+# float64 working memory for one block of coordinates in the robust rules: the block and the
+# sorted copy the reduction makes. Bounded whatever the model size and the number of updates.
+BLOCK_BYTES = 32 * 2**20
+
+Arrays = Mapping[str, np.ndarray]
+Reducer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class UpdateFile:
+    path: Path
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A round's aggregate and what the round reports about how it was made."""
+
+    arrays: dict[str, np.ndarray]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def capped_weights(samples: Sequence[int], max_samples: int, max_share: float | None = None) -> list[float]:
+    """Each update's weight: its sample count clipped to `max_samples`, then, with `max_share`,
+    the largest weights lowered to one common level c chosen so that c is `max_share` of the
+    new total (water-filling); smaller weights keep their value.
+
+    When `max_share` x updates <= 1 only equal weights meet it (or none can): every update then
+    weighs the same, the smallest weight.
+    """
+    weights = [float(min(n, max_samples)) for n in samples]
+    if max_share is None or max_share >= 1 or not weights:
+        return weights
+    n = len(weights)
+    if n * max_share <= 1:
+        return [min(weights)] * n
+    ordered = sorted(weights, reverse=True)
+    rest = math.fsum(ordered)
+    for k in range(n):  # k = how many of the largest weights are lowered to c
+        if k * max_share >= 1:  # k weights at share s would leave nothing for the rest
+            break
+        if k:
+            rest -= ordered[k - 1]
+        # c = share * (k * c + rest)  =>  c = share * rest / (1 - k * share)
+        level = max_share * rest / (1 - k * max_share)
+        if ordered[k] <= level:  # the largest weight left alone already fits: c is found
+            return [min(w, level) for w in weights]
+    return [min(weights)] * n  # reached only by rounding: equal weights always meet the cap
+
+
+def aggregate(updates: Iterable[UpdateFile], schema: Schema, spec: AggregationSpec, max_samples: int, *,
+              reference: Path | None = None, scratch: Path | None = None) -> Aggregate:
+    """Aggregate `updates` (each checked against `schema`) under `spec`.
+
+    `reference` is the round's starting adapter, needed for norm bounding; `scratch` is where the
+    robust rules keep their memory-mapped stack (a directory on the data disk).
+    """
+    files = list(updates)
+    if not files:
+        raise ValueError("no updates to aggregate")
+    bound = spec.norm_bound
+    start: Arrays | None = None
+    if bound is not None:
+        if reference is None:
+            raise ValueError("norm bounding needs the round's starting adapter")
+        start = _read(reference, schema)
+    figures: dict[str, Any] = {"rule": spec.rule.value, "updates": len(files)}
+    if spec.rule is AggregationRule.mean:
+        weights = capped_weights([f.num_samples for f in files], max_samples, spec.max_weight_share)
+        arrays, clipped = _weighted_mean(files, weights, schema, start, bound)
+        total = math.fsum(weights)
+        figures["weights_capped"] = sum(w < f.num_samples for w, f in zip(weights, files, strict=True))
+        figures["weight_share_max"] = round(max(weights) / total, 6)
+    else:
+        reducer = _median if spec.rule is AggregationRule.median else _trimmed_mean(spec.trim)
+        arrays, clipped = _coordinatewise(files, schema, reducer, start, bound, scratch)
+    if bound is not None:
+        figures["norm_clipped"] = clipped
+    return Aggregate(arrays, figures)
+
+
+def weighted_mean(updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np.ndarray]:
+    """Sample-weighted mean of updates, weights as declared, streamed: one update mapped at a time."""
+    files = list(updates)
+    weights = [float(f.num_samples) for f in files]
+    return _weighted_mean(files, weights, schema, None, None)[0]
+
+
+def _read(path: Path, schema: Schema) -> Arrays:
+    header = read_header(path)
+    check_schema(header, schema)
+    return load_arrays(path, header)
+
+
+def _scale(arrays: Arrays, start: Arrays | None, bound: float | None) -> float:
+    """The factor that brings the update's change from `start` within `bound` (1.0 when it is)."""
+    if start is None or bound is None:
+        return 1.0
+    # One tensor's difference at a time: memory stays one tensor, not one update.
+    squares = math.fsum(float(np.square(arr.astype(np.float64) - start[name]).sum()) for name, arr in arrays.items())
+    norm = math.sqrt(squares)
+    return bound / norm if norm > bound else 1.0
+
+
+def _bounded(name: str, arr: np.ndarray, start: Arrays | None, scale: float) -> np.ndarray:
+    """One tensor of the update in float64, its change from `start` scaled by `scale`."""
+    value = arr.astype(np.float64)
+    if start is None or scale >= 1.0:
+        return value
+    base = start[name].astype(np.float64)
+    return base + (value - base) * scale
+
+
+def _weighted_mean(files: Sequence[UpdateFile], weights: Sequence[float], schema: Schema, start: Arrays | None,
+                   bound: float | None) -> tuple[dict[str, np.ndarray], int]:
+    """Streamed: memory is one float64 accumulator per tensor, whatever the number of updates."""
+    sums: dict[str, np.ndarray] | None = None
+    clipped = 0
+    for update, weight in zip(files, weights, strict=True):
+        arrays = _read(update.path, schema)
+        scale = _scale(arrays, start, bound)
+        clipped += scale < 1.0
+        if sums is None:
+            sums = {name: np.zeros(arr.shape, dtype=np.float64) for name, arr in arrays.items()}
+        for name, arr in arrays.items():
+            sums[name] += _bounded(name, arr, start, scale) * weight
+        del arrays
+    total = math.fsum(weights)
+    if sums is None or total <= 0:
+        raise ValueError("no updates with samples to aggregate")
+    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}, clipped
+
+
+def _median(block: np.ndarray) -> np.ndarray:
+    return np.median(block, axis=0)
+
+
+def _trimmed_mean(fraction: float) -> Reducer:
+    # Written with numpy rather than scipy.stats.trim_mean (the same rule: floor(fraction * n)
+    # dropped at each end) so that the coordinator does not depend on scipy for one sort.
+    def reduce(block: np.ndarray) -> np.ndarray:
+        n = block.shape[0]
+        cut = int(fraction * n)
+        return np.sort(block, axis=0)[cut:n - cut].mean(axis=0)
+
+    return reduce
+
+
+def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reducer, start: Arrays | None,
+                    bound: float | None, scratch: Path | None) -> tuple[dict[str, np.ndarray], int]:
+    """Stack every update (float32, on disk, memory-mapped), then reduce blocks of coordinates.
+
+    Memory: the float32 result (4 bytes per parameter) plus one block of at most BLOCK_BYTES;
+    disk: 4 bytes per parameter per update, removed when done.
+    """
+    spans: dict[str, tuple[int, int]] = {}
+    size = 0
+    for name, (shape, _dtype) in schema.items():
+        spans[name] = (size, size + math.prod(shape))
+        size += math.prod(shape)
+    n = len(files)
+    flat = np.empty(size, dtype=np.float32)
+    clipped = 0
+    if size:
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="aggregate-") as tmp:
+            stack = np.memmap(Path(tmp) / "stack.f32", dtype=np.float32, mode="w+", shape=(n, size))
+            for row, update in enumerate(files):
+                arrays = _read(update.path, schema)
+                scale = _scale(arrays, start, bound)
+                clipped += scale < 1.0
+                for name, arr in arrays.items():
+                    lo, hi = spans[name]
+                    stack[row, lo:hi] = _bounded(name, arr, start, scale).ravel()
+                del arrays
+            # Two float64 copies of a block (it and its sorted copy) fit in BLOCK_BYTES.
+            width = max(1, BLOCK_BYTES // (16 * n))
+            for lo in range(0, size, width):
+                flat[lo:lo + width] = reducer(np.asarray(stack[:, lo:lo + width], dtype=np.float64))
+            del stack  # unmapped before its directory goes
+    return {name: flat[lo:hi].reshape(schema[name][0]) for name, (lo, hi) in spans.items()}, clipped
