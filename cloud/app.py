@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from cloud.api import artifacts, builds, clients, inference, ops, rounds, runs
+from cloud import telemetry
+from cloud.api import artifacts, builds, clients, inference, ops, rounds, runs, ui
 from cloud.coordinator import Coordinator
 from cloud.errors import ApiError, invalid_request
 from cloud.settings import CoordinatorSettings
@@ -36,6 +37,7 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
 
             torch.set_num_threads(settings.torch_threads)
         coordinator = Coordinator(settings)
+        telemetry.live(app.state.telemetry, coordinator.state)
         app.state.coordinator = coordinator
         if settings.run is not None:
             created = await run_in_threadpool(coordinator.runs.create, settings.run)
@@ -48,6 +50,7 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
             yield
         finally:
             driver.stop()
+            telemetry.retire(app.state.telemetry)
             coordinator.close()
 
     app = FastAPI(
@@ -57,6 +60,9 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
         "Errors carry `detail: {code, message, hint}`.",
         lifespan=lifespan,
     )
+    # One registry per app, so several apps in one process keep their figures apart.
+    app.state.telemetry = telemetry.Telemetry()
+    app.add_middleware(telemetry.MetricsMiddleware, telemetry=app.state.telemetry)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -75,6 +81,6 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
         return JSONResponse(status_code=exc.status_code, content={"detail": detail.model_dump()},
                             headers=exc.headers)
 
-    for module in (ops, runs, rounds, clients, artifacts, builds, inference):
+    for module in (ops, runs, rounds, clients, artifacts, builds, inference, ui):
         app.include_router(module.router)
     return app

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from cloud import telemetry
 from cloud.faults import failpoint
 from cloud.services.builds import BuildsService
 from cloud.services.runs import RunsService
@@ -186,6 +187,7 @@ class RoundDriver:
         holder = self.config.instance_id if old in _LEASED else None
         moved = self.state.transition(rnd.run_id, rnd.number, old, new, lease_holder=holder, **changes)
         if moved:
+            telemetry.round_phase(rnd, old, new)
             log.info("run %s round %d: %s -> %s", rnd.run_id, rnd.number, old.value, new.value)
         return moved
 
@@ -230,7 +232,9 @@ class RoundDriver:
             strategy = self.runs.strategy(run)
             updates = self.state.list_updates(run.id, rnd.number)
             files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
+            elapsed = telemetry.stopwatch()
             aggregate = strategy.aggregate_round(files, dict(rnd.inputs))
+            telemetry.aggregated(elapsed())
             digest = self.store.put_bytes(save_arrays(aggregate.arrays))
             failpoint("aggregated")
             metrics = {**rnd.metrics, "num_updates": len(updates),
@@ -250,6 +254,7 @@ class RoundDriver:
             started = _now()
             with self.model_lock:
                 result = strategy.server_step(rnd.number, dict(rnd.inputs), rnd.aggregate_digest)
+            telemetry.server_stepped((_now() - started).total_seconds())
             failpoint("server_stepped")
             metrics = {**rnd.metrics, **result.metrics,
                        "server_step_s": round((_now() - started).total_seconds(), 3)}
@@ -261,9 +266,11 @@ class RoundDriver:
         if not self.state.close_round(run.id, rnd.number, last):
             return False
         log.info("run %s round %d: closed%s", run.id, rnd.number, "; run finished" if last else "")
+        telemetry.round_phase(rnd, RoundState.publishing, RoundState.closed)
         return True
 
     def _fail(self, run: RunRecord, rnd: RoundRecord, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}"
         log.error("run %s round %d failed: %s\n%s", run.id, rnd.number, message, traceback.format_exc())
         self.state.fail_run(run.id, rnd.number, message)
+        telemetry.round_phase(rnd, rnd.state, RoundState.failed)

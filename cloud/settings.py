@@ -1,19 +1,39 @@
-"""Coordinator settings: environment (COTUNE_*), a TOML config file, then flags, in that order."""
+"""Coordinator settings (ARCHITECTURE.md, "Layers"): flags over environment variables
+(COTUNE_*, COTUNE_RUN__ROUNDS for a field of the run) over a TOML config file over defaults."""
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from common.protocol import RunSpec
 
+# The TOML file `load_settings` reads, for the source that sits below the environment.
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cotune_config_file", default=None)
+
 
 class CoordinatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="COTUNE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="COTUNE_", env_nested_delimiter="__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: flags (init), then the environment, then the config file; containers
+        # override a baked-in file with environment variables.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get()))
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -54,6 +74,10 @@ class CoordinatorSettings(BaseSettings):
         8, ge=1, description="POST /v1/generate: requests that may wait for (or hold) the held models at once; "
         "past it 429, so generation never ties up all of the server's worker threads (40)",
     )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="the coordinator's and uvicorn's log level; at info uvicorn logs each request")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object a line (time, level, logger, message), for a log collector")
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
 
 
@@ -66,20 +90,19 @@ def check_tls(settings: CoordinatorSettings) -> None:
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> CoordinatorSettings:
-    """Merge a TOML file (top-level keys + an optional [run] table) with explicit overrides."""
-    values: dict[str, Any] = {}
+    """Settings from `overrides` (flags; None means not given) over COTUNE_* environment
+    variables over the TOML `config` (top-level keys and an optional [run] table) over defaults.
+    The [run] table merges key by key across them: a flag or COTUNE_RUN__ROUNDS changes one field."""
     if config is not None:
         try:
-            values = tomllib.loads(config.read_text())
+            tomllib.loads(config.read_text())  # the source skips a missing file; say so instead
         except FileNotFoundError:
             raise ValueError(f"config file {config} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"config file {config} is not valid TOML: {exc}") from None
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "run" and isinstance(value, dict):
-            values["run"] = {**values.get("run", {}), **value}
-        else:
-            values[key] = value
-    return CoordinatorSettings(**values)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    token = _config_file.set(config)
+    try:
+        return CoordinatorSettings(**given)
+    finally:
+        _config_file.reset(token)

@@ -44,6 +44,8 @@ class RunState(str, Enum):
     running = "running"
     finished = "finished"
     failed = "failed"
+    # Ended by the admin (POST /v1/runs/{run}/stop): no round advances, devices leave.
+    stopped = "stopped"
 
 
 class LoraSpec(_Strict):
@@ -272,9 +274,25 @@ class RoundSummary(BaseModel):
     num_updates: int
     num_samples: int
     opened_at: datetime | None = None
+    collecting_at: datetime | None = None
+    deadline: datetime | None = None
     closed_at: datetime | None = None
+    phase_times: dict[str, datetime] = Field(
+        default_factory=dict, description="when the round entered each state it went through (a timeline)")
     metrics: dict[str, Any] = Field(default_factory=dict)
     artifacts: list[ArtifactRef] = Field(default_factory=list)
+
+
+class DeviceInfo(BaseModel):
+    """A device of a run as the admin sees it (GET /v1/runs/{run}/clients)."""
+
+    client_id: str
+    name: str
+    profile: dict[str, Any] = Field(default_factory=dict)
+    enrolled_at: datetime
+    last_seen: datetime | None = Field(None, description="last call to the coordinator (to within 30 s)")
+    updates_sent: int = Field(0, ge=0)
+    revoked: bool = False
 
 
 class RunStatus(BaseModel):

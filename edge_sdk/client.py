@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from common import __version__
 from common.digest import file_sha256
 from common.protocol import (
     ArtifactRef,
+    BuildInfo,
     BuildList,
     ClientCredentials,
     ClientRegistration,
     DeviceBuildReport,
+    DeviceInfo,
     DeviceProfile,
     RoundInfo,
     RoundSummary,
@@ -214,12 +216,40 @@ class CoordinatorClient:
         return call_with_retry(once, _retryable, self.backoff, self.on_retry)
 
     # -- admin ---------------------------------------------------------------------------
+    # With the admin token (`token=`); `run_status`, `round_summary` and `builds` above serve
+    # the admin too.
 
     def create_run(self, spec: RunSpec) -> RunCreated:
+        """Create a run (a resend of the same spec and enroll token answers the same run)."""
         return self._call("POST", "/v1/runs", RunCreated, json=spec.model_dump(mode="json"))
+
+    def list_runs(self) -> list[RunStatus]:
+        return _list_of(RunStatus, self._call("GET", "/v1/runs"))
+
+    def stop_run(self, run_id: str) -> RunStatus:
+        """End a running run now; a run already over is a CoordinatorError 409 `run_over`."""
+        return self._call("POST", f"/v1/runs/{run_id}/stop", RunStatus)
+
+    def list_devices(self, run_id: str) -> list[DeviceInfo]:
+        return _list_of(DeviceInfo, self._call("GET", f"/v1/runs/{run_id}/clients"))
+
+    def revoke_device(self, client_id: str) -> None:
+        """Revoke a device's token: it is refused (403) from then on. Revoking twice is harmless."""
+        self._call("DELETE", f"/v1/clients/{client_id}")
+
+    def list_builds(self, run_id: str) -> list[BuildInfo]:
+        return self.builds(run_id).builds
+
+    def publish_builds(self, run_id: str, targets: list[str]) -> list[BuildInfo]:
+        """Export the run's SLM to edge builds now, e.g. targets ["gguf:q8_0", "onnx:int8"]."""
+        return _list_of(BuildInfo, self._call("POST", f"/v1/runs/{run_id}/builds", json={"targets": targets}))
 
     def healthz(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
+
+
+def _list_of(model: type[M], data: Any) -> list[M]:
+    return TypeAdapter(list[model]).validate_python(data)  # type: ignore[valid-type]
 
 
 def _tls_context(verify: bool | str | Path) -> bool | ssl.SSLContext:

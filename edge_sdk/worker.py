@@ -66,6 +66,8 @@ class JoinResult:
     final_adapter_sha256: str | None = None
     model_dir: Path | None = None
     build_dir: Path | None = None
+    # True when the run's operator stopped the run: the device left with no final model.
+    stopped: bool = False
 
 
 def encode_update(payload: UpdatePayload, kind: str | None = None) -> bytes:
@@ -193,6 +195,12 @@ class EdgeWorker:
             if info.run_state == RunState.failed:
                 status = self.client.run_status(creds.run_id)
                 raise RuntimeError(f"the run failed on the coordinator: {status.error}")
+            if info.run_state == RunState.stopped:
+                self.say(f"the run was stopped by its operator in round {info.round}/{info.rounds_total}; "
+                         "leaving it (there is no final model)")
+                result.stopped = True
+                self.client.close()
+                return result
             if info.state in _ACCEPTING and not info.submitted:
                 if self._take_part(creds, info):
                     result.rounds_trained.append(info.round)

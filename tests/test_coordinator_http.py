@@ -74,9 +74,13 @@ def test_openapi_document_is_the_contract(coord) -> None:
         ("/v1/runs", "post"), ("/v1/clients", "post"), ("/v1/runs/{run_id}/rounds/current", "get"),
         ("/v1/artifacts/{sha256}", "get"), ("/v1/runs/{run_id}/rounds/{number}/updates/{client_id}", "put"),
         ("/v1/runs/{run_id}", "get"), ("/healthz", "get"), ("/metrics", "get"),
+        ("/v1/runs/{run_id}/stop", "post"), ("/v1/runs/{run_id}/clients", "get"),
     ]:
         assert method in paths[path], f"{method.upper()} {path} missing from the OpenAPI document"
-    assert "RunSpec" in doc["components"]["schemas"]
+    schemas = doc["components"]["schemas"]
+    assert "RunSpec" in schemas and "DeviceInfo" in schemas
+    assert "stopped" in schemas["RunState"]["enum"]
+    assert {"collecting_at", "deadline", "phase_times"} <= set(schemas["RoundSummary"]["properties"])
 
 
 def test_admin_endpoints_need_the_admin_token(coord, devices) -> None:
@@ -233,6 +237,11 @@ def test_round_closes_and_late_update_is_refused(coord, devices, tmp_path) -> No
     assert summary["state"] == "closed"
     assert summary["num_updates"] == 3
     assert summary["num_samples"] == before["num_samples"] + added
+    # The round's timeline: every state it went through, in order, at times that never go back.
+    phases = summary["phase_times"]
+    assert list(phases) == ["open", "collecting", "aggregating", "server_step", "publishing", "closed"]
+    assert list(phases.values()) == sorted(phases.values())
+    assert summary["collecting_at"] == phases["collecting"] and summary["deadline"] > summary["collecting_at"]
 
 
 def test_a_device_that_cannot_run_the_task_is_refused(coord) -> None:

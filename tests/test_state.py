@@ -166,7 +166,73 @@ def test_closing_opens_the_next_round_then_finishes_the_run(state: CoordinatorSt
     assert state.artifact_visible(run_id, D3)
 
 
+def test_a_stopped_run_stops_once_and_its_rounds_never_close(state: CoordinatorState) -> None:
+    run_id = _run(state, rounds=1)
+    _to_server_step(state, run_id)
+    assert state.transition(run_id, 1, S.server_step, S.publishing, lease_holder="me", outputs={"x": D3})
+    assert state.stop_run(run_id)
+    assert not state.stop_run(run_id), "a stopped run is not stopped again"
+    assert not state.stop_run("nobody")
+    assert not state.close_round(run_id, 1, last=True), "a step under way when the run stopped cannot finish it"
+    run = state.get_run(run_id)
+    assert run.state is RunState.stopped and run.artifacts == {}
+    assert state.get_round(run_id, 1).state is S.publishing
+    assert [r.id for r in state.list_runs(RunState.running)] == []
+    client = _client(state, run_id, "late")
+    outcome = state.insert_update(_update(run_id, client.id, D1)).outcome
+    assert outcome is UpdateOutcome.closed, "a stopped run takes no update"
+
+
+def test_a_finished_run_cannot_be_stopped(state: CoordinatorState) -> None:
+    run_id = _run(state, rounds=1)
+    _to_server_step(state, run_id)
+    assert state.transition(run_id, 1, S.server_step, S.publishing, lease_holder="me", outputs={"x": D3})
+    assert state.close_round(run_id, 1, last=True)
+    assert not state.stop_run(run_id)
+    assert state.get_run(run_id).state is RunState.finished
+
+
 # -- clients and updates -----------------------------------------------------------------------
+
+
+def test_a_state_file_from_before_last_seen_opens(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = SqlState(url)
+    run_id = _run(old)
+    client = _client(old, run_id, "a")
+    with old.engine.begin() as conn:  # as a coordinator that kept no last_seen wrote it
+        conn.exec_driver_sql("ALTER TABLE clients DROP COLUMN last_seen")
+    old.close()
+    state = SqlState(url)
+    try:
+        assert [c.client.last_seen for c in state.list_clients(run_id)] == [None]
+        now = datetime.now(timezone.utc)
+        assert state.touch_client(client.id, now, every_s=30)
+        assert state.get_client(client.id).last_seen == now
+    finally:
+        state.close()
+
+
+def test_clients_are_listed_with_updates_sent_and_last_seen(state: CoordinatorState) -> None:
+    run_id, other = _run(state, "r"), _run(state, "o")
+    a, b = _client(state, run_id, "a"), _client(state, run_id, "b")
+    _client(state, other, "x")
+    assert a.enrolled_at is not None and a.last_seen is not None, "enrolling is a call"
+    assert state.insert_update(_update(run_id, a.id, D1)).outcome is UpdateOutcome.accepted
+    assert state.revoke_client(b.id)
+    listed = state.list_clients(run_id)
+    assert [(c.client.id, c.updates_sent, c.client.revoked) for c in listed] == [(a.id, 1, False), (b.id, 0, True)]
+    seen = listed[0].client.last_seen
+    assert seen is not None and seen.tzinfo is not None
+    # Within `every_s` of the last write nothing is written; past it, once.
+    assert not state.touch_client(a.id, seen + timedelta(seconds=10), every_s=30)
+    later = seen + timedelta(seconds=31)
+    assert state.touch_client(a.id, later, every_s=30)
+    assert not state.touch_client(a.id, later + timedelta(seconds=1), every_s=30)
+    assert state.get_client(a.id).last_seen == later
+    assert not state.touch_client("nobody", later, every_s=30)
+    assert state.list_clients("nobody") == []
+
 
 
 def test_clients_enroll_and_are_revoked(state: CoordinatorState) -> None:

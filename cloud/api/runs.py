@@ -1,4 +1,5 @@
-"""Runs: created and listed by the admin, read by the admin or a device of the run."""
+"""Runs: created, listed and stopped by the admin, read by the admin or a device of the run;
+the admin's list of a run's devices."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from fastapi import APIRouter, Response
 
 from cloud.api.bodies import ADMIN_JSON, GuardedRoute, body_rule
 from cloud.api.deps import ERRORS, ERRORS_422, AdminOnly, Coord, RunId, Viewer
-from common.protocol import RunCreated, RunSpec, RunStatus
+from cloud.errors import forbidden
+from common.protocol import DeviceInfo, RunCreated, RunSpec, RunStatus
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=GuardedRoute)
 
@@ -28,3 +30,17 @@ def list_runs(coord: Coord) -> list[RunStatus]:
 @router.get("/{run_id}", responses=ERRORS)
 def run_status(run_id: RunId, coord: Coord, viewer: Viewer) -> RunStatus:
     return coord.runs.status(run_id, viewer)
+
+
+@router.post("/{run_id}/stop", responses=ERRORS, dependencies=[AdminOnly])
+def stop_run(run_id: RunId, coord: Coord) -> RunStatus:
+    """End a running run now: its rounds stop advancing and its devices leave (409 if it is over)."""
+    return coord.runs.stop(run_id)
+
+
+@router.get("/{run_id}/clients", responses=ERRORS)
+def list_devices(run_id: RunId, coord: Coord, viewer: Viewer) -> list[DeviceInfo]:
+    """The run's devices (revoked ones too), with when each was last seen; the admin's only."""
+    if viewer is not None:  # a device token is known, but this list is not a device's to read
+        raise forbidden("only the admin token may list a run's devices")
+    return coord.runs.devices(run_id)

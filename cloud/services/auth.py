@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime, timedelta, timezone
+
 from cloud.auth import hash_token, same_token
 from cloud.errors import forbidden, not_found, unauthorized
-from cloud.state import CoordinatorState
+from cloud.state import CoordinatorState, StateUnavailable
 from cloud.state.records import ClientRecord
+
+log = logging.getLogger("cotune.auth")
+
+# A device's last_seen is written at most this often, so polling costs no write per request.
+LAST_SEEN_EVERY_S = 30.0
 
 
 class AuthService:
@@ -29,7 +37,17 @@ class AuthService:
             raise unauthorized("unknown client token")
         if client.revoked:
             raise forbidden("this client's token was revoked", "enroll the device again")
+        self._seen(client)
         return client
+
+    def _seen(self, client: ClientRecord) -> None:
+        now = datetime.now(timezone.utc)
+        if client.last_seen is not None and now - client.last_seen < timedelta(seconds=LAST_SEEN_EVERY_S):
+            return
+        try:
+            self.state.touch_client(client.id, now, LAST_SEEN_EVERY_S)
+        except StateUnavailable as exc:  # a busy database must not fail the device's call
+            log.warning("could not record that client %s was seen: %s", client.id, exc)
 
     def viewer(self, token: str | None) -> ClientRecord | None:
         """None for the admin (who sees everything); the client otherwise."""

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from cloud import telemetry
 from cloud.errors import ApiError
 from cloud.models import ModelHolder
 from cloud.services.limits import GenerateLimits, TokenBuckets, TooManyRequests
@@ -49,6 +50,7 @@ class GenerationService:
         finally:
             self._slots.release()
 
+    @telemetry.times_generation
     def _answer(self, client: ClientRecord, request: GenerateRequest) -> GenerateResponse:
         run = self.runs.get(client.run_id)
         held = self.runs.holdings(run)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cloud import telemetry
 from cloud.errors import ApiError
 
 
@@ -19,6 +20,7 @@ class TooManyRequests(ApiError):
     def __init__(self, code: str, message: str, retry_after_s: float, hint: str | None = None) -> None:
         self.retry_after = max(1, math.ceil(retry_after_s))
         super().__init__(429, code, message, hint, headers={"Retry-After": str(self.retry_after)})
+        telemetry.generate_refused(code)
 
 
 @dataclass(frozen=True)

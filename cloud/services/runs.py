@@ -10,6 +10,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from cloud.auth import hash_token, new_token
@@ -25,6 +26,7 @@ from common.protocol import (
     ArtifactRef,
     ClientCredentials,
     ClientRegistration,
+    DeviceInfo,
     RoundInfo,
     RoundState,
     RoundSummary,
@@ -35,6 +37,8 @@ from common.protocol import (
 )
 
 log = logging.getLogger("cotune.runs")
+
+_PAST_SERVER_STEP = (RoundState.publishing, RoundState.closed)
 
 StrategyFactory = Callable[[RunSpec], Strategy]
 
@@ -186,6 +190,14 @@ class RunsService:
                          rounds_total=run.spec["rounds"], current_round=run.current_round,
                          num_clients=self.state.count_active_clients(run.id), error=error, rounds=summaries)
 
+    def devices(self, run_id: str) -> list[DeviceInfo]:
+        """The run's devices as the admin sees them, revoked ones included."""
+        self.get(run_id)
+        return [DeviceInfo(client_id=c.client.id, name=c.client.name, profile=c.client.profile,
+                           enrolled_at=c.client.enrolled_at, last_seen=c.client.last_seen,
+                           updates_sent=c.updates_sent, revoked=c.client.revoked)
+                for c in self.state.list_clients(run_id)]
+
     def round_summary(self, run_id: str, number: int, viewer: ClientRecord | None = None) -> RoundSummary:
         check_member(viewer, run_id, "a client may only read the run it belongs to")
         run = self.get(run_id)
@@ -206,8 +218,26 @@ class RunsService:
         artifacts = self.refs(rnd.outputs, self.strategy(run), viewer is not None) if rnd.outputs else []
         return RoundSummary(round=rnd.number, state=rnd.state, num_updates=len(updates),
                             num_samples=sum(u.num_samples for u in updates),
-                            opened_at=rnd.opened_at, closed_at=rnd.closed_at,
+                            opened_at=rnd.opened_at, collecting_at=rnd.collecting_at, deadline=rnd.deadline_at,
+                            closed_at=rnd.closed_at, phase_times=self._phase_times(rnd),
                             metrics={**rnd.metrics, "clients": dict(per_client)}, artifacts=artifacts)
+
+    def _phase_times(self, rnd: RoundRecord) -> dict[str, datetime]:
+        """When the round entered each state it went through, for a timeline: the round row holds
+        open, collecting and closed; the slow steps' first lease events hold aggregating and
+        server_step; publishing began when the server step ended (its start plus its seconds)."""
+        times: dict[str, datetime] = {}
+        for event in self.state.round_events(rnd.run_id, rnd.number):
+            times.setdefault(event.step, event.at)
+        step_s = rnd.metrics.get("server_step_s")
+        started = times.get(RoundState.server_step.value)
+        if started is not None and isinstance(step_s, (int, float)) and rnd.state in _PAST_SERVER_STEP:
+            times[RoundState.publishing.value] = started + timedelta(seconds=float(step_s))
+        stamps = {RoundState.open: rnd.opened_at, RoundState.collecting: rnd.collecting_at,
+                  RoundState.closed: rnd.closed_at}
+        times.update({state.value: at for state, at in stamps.items() if at is not None})
+        order = [state.value for state in RoundState]
+        return dict(sorted(times.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
     def current_round(self, client: ClientRecord, run_id: str) -> RoundInfo:
         check_member(client, run_id, "this client is not enrolled in that run")
@@ -222,6 +252,18 @@ class RunsService:
             submitted=self.state.get_update(run_id, rnd.number, client.id) is not None,
             builds=builds_state(run),
         )
+
+    # -- the admin's actions -------------------------------------------------------------
+
+    def stop(self, run_id: str) -> RunStatus:
+        """End a running run now: no round advances any more, devices see it stopped and leave."""
+        run = self.get(run_id)
+        if not self.state.stop_run(run_id):
+            now = self.get(run_id).state.value
+            raise ApiError(409, "run_over", f"run {run.name!r} has already {now}; only a running run can be stopped",
+                           "nothing to do: the run takes no more rounds")
+        log.info("run %s (%s) stopped by the admin", run.name, run_id)
+        return self._status(self.get(run_id), None)
 
     # -- enrollment ------------------------------------------------------------------------
 

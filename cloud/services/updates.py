@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cloud import telemetry
 from cloud.errors import MAX_LISTED_ERRORS, ApiError, field_problem, forbidden, not_found
 from cloud.services.auth import check_member
 from cloud.services.runs import RunsService
@@ -43,6 +44,7 @@ class UpdatesService:
         self.store = store
         self.runs = runs
 
+    @telemetry.counts_updates
     def check_can_upload(self, client: ClientRecord, run_id: str, number: int, client_id: str) -> None:
         """The cheap checks, before a byte of the body is read."""
         check_member(client, run_id, "this client is not enrolled in that run")
@@ -51,6 +53,7 @@ class UpdatesService:
         run = self.runs.get(run_id)
         _check_round_accepts(run, self.state.get_round(run_id, number), number)
 
+    @telemetry.counts_updates
     def accept_update(self, client: ClientRecord, run_id: str, number: int, body: Path) -> UpdateReceipt:
         """Check a spooled upload in full, then record it once; a refused upload changes nothing."""
         run = self.runs.get(run_id)

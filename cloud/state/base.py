@@ -17,6 +17,7 @@ from typing import Any
 from cloud.state.records import (
     ArtifactRecord,
     BuildRecord,
+    ClientListing,
     ClientRecord,
     Direction,
     NewRun,
@@ -75,6 +76,11 @@ class CoordinatorState(ABC):
     @abstractmethod
     def fail_run(self, run_id: str, number: int, message: str) -> None:
         """Mark round `number` and its run failed, with what went wrong."""
+
+    @abstractmethod
+    def stop_run(self, run_id: str) -> bool:
+        """Compare-and-set running -> stopped (the admin ended it); False (nothing changed) if the
+        run is not running. A stopped run's rounds never close: `close_round` refuses them."""
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -145,6 +151,16 @@ class CoordinatorState(ABC):
     @abstractmethod
     def count_active_clients(self, run_id: str) -> int:
         """Enrolled, not revoked."""
+
+    @abstractmethod
+    def list_clients(self, run_id: str) -> list[ClientListing]:
+        """Every client of the run (revoked ones too), in enrollment order, with its accepted
+        updates counted."""
+
+    @abstractmethod
+    def touch_client(self, client_id: str, now: datetime, every_s: float) -> bool:
+        """Set the client's last_seen to `now` unless it was set less than `every_s` before
+        (another replica may just have); True if it was written."""
 
     # -- updates ---------------------------------------------------------------------------
 

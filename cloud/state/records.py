@@ -78,6 +78,18 @@ class ClientRecord:
     token_hash: str
     profile: dict[str, Any] = field(default_factory=dict)
     revoked: bool = False
+    # Set by the state when read: when the client enrolled and last called (to within 30 s).
+    # Not part of equality: the same client read twice is the same client.
+    enrolled_at: datetime | None = field(default=None, compare=False)
+    last_seen: datetime | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class ClientListing:
+    """A client of a run with how many updates it has had accepted, for the admin's device list."""
+
+    client: ClientRecord
+    updates_sent: int
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from cloud.state.base import CoordinatorState, RunExists, RunFull, StateUnavaila
 from cloud.state.records import (
     ArtifactRecord,
     BuildRecord,
+    ClientListing,
     ClientRecord,
     Direction,
     NewRun,
@@ -90,6 +92,11 @@ def _add_missing_columns(engine: Engine) -> None:
     if "client_id" not in {c["name"] for c in inspect(engine).get_columns("builds")}:
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE builds ADD COLUMN client_id VARCHAR(32) REFERENCES clients (id)"))
+    # ... and one written before devices' last_seen was kept lacks clients.last_seen.
+    if "last_seen" not in {c["name"] for c in inspect(engine).get_columns("clients")}:
+        stamp = "TIMESTAMP WITH TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE clients ADD COLUMN last_seen {stamp}"))
     # Byte counts and sizes were 32-bit INTEGER on PostgreSQL, too small for a build over 2 GiB.
     # (SQLite's INTEGER is already 64-bit.)
     if engine.dialect.name == "postgresql":
@@ -189,6 +196,11 @@ class SqlState(CoordinatorState):
                 run.state = RunState.failed.value
                 run.error = f"round {number}: {message}"
 
+    def stop_run(self, run_id: str) -> bool:
+        with self._tx(write=True) as s:
+            return s.execute(update(Run).where(Run.id == run_id, Run.state == RunState.running.value)
+                             .values(state=RunState.stopped.value)).rowcount == 1
+
     # -- rounds ----------------------------------------------------------------------------
 
     def get_round(self, run_id: str, number: int) -> RoundRecord | None:
@@ -257,6 +269,11 @@ class SqlState(CoordinatorState):
 
     def close_round(self, run_id: str, number: int, last: bool) -> bool:
         with self._tx(write=True) as s:
+            # A write on the run's row first: it takes that row's lock (PostgreSQL) or the write
+            # lock (SQLite) until commit, so a stop either lands before (and nothing moves) or after.
+            if s.execute(update(Run).where(Run.id == run_id, Run.state == RunState.running.value)
+                         .values(state=Run.state)).rowcount != 1:
+                return False
             outputs = s.scalar(select(Round.outputs).where(Round.run_id == run_id, Round.number == number))
             moved = s.execute(
                 update(Round)
@@ -283,15 +300,16 @@ class SqlState(CoordinatorState):
                 # Enrollments into one run take turns on its row, so each counts the others' rows.
                 # SQLite needs no lock: the insert below takes its one write lock until commit.
                 s.execute(select(Run.id).where(Run.id == client.run_id).with_for_update())
+            now = utcnow()  # enrolling is a call: the device was seen
             s.add(Client(id=client.id, run_id=client.run_id, name=client.name, token_hash=client.token_hash,
-                         profile=dict(client.profile), revoked=client.revoked))
+                         profile=dict(client.profile), revoked=client.revoked, created_at=now, last_seen=now))
             s.flush()
             if max_clients is not None:
                 active = s.scalar(select(func.count()).select_from(Client).where(
                     Client.run_id == client.run_id, Client.revoked.is_(False))) or 0
                 if active > max_clients:  # rolls the insert back
                     raise RunFull(f"run {client.run_id} has its {max_clients} clients")
-        return client
+        return replace(client, enrolled_at=now, last_seen=now)
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         with self._tx() as s:
@@ -315,6 +333,20 @@ class SqlState(CoordinatorState):
         with self._tx() as s:
             return s.scalar(select(func.count()).select_from(Client).where(
                 Client.run_id == run_id, Client.revoked.is_(False))) or 0
+
+    def list_clients(self, run_id: str) -> list[ClientListing]:
+        sent = (select(Update.client_id, func.count().label("n")).join(Round, Round.id == Update.round_id)
+                .where(Round.run_id == run_id).group_by(Update.client_id).subquery())
+        query = (select(Client, func.coalesce(sent.c.n, 0)).outerjoin(sent, sent.c.client_id == Client.id)
+                 .where(Client.run_id == run_id).order_by(Client.created_at, Client.id))
+        with self._tx() as s:
+            return [ClientListing(_client(row), int(n)) for row, n in s.execute(query).all()]
+
+    def touch_client(self, client_id: str, now: datetime, every_s: float) -> bool:
+        stale = Client.last_seen.is_(None) | (Client.last_seen < now - timedelta(seconds=every_s))
+        with self._tx(write=True) as s:
+            return s.execute(update(Client).where(Client.id == client_id, stale)
+                             .values(last_seen=now)).rowcount == 1
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -474,7 +506,8 @@ def _round(r: Round) -> RoundRecord:
 
 def _client(r: Client) -> ClientRecord:
     return ClientRecord(id=r.id, run_id=r.run_id, name=r.name, token_hash=r.token_hash,
-                        profile=dict(r.profile or {}), revoked=r.revoked)
+                        profile=dict(r.profile or {}), revoked=r.revoked, enrolled_at=aware(r.created_at),
+                        last_seen=aware(r.last_seen))
 
 
 def _update(r: Update, run_id: str, number: int) -> UpdateRecord:

@@ -95,6 +95,8 @@ class Client(Base):
     profile: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the device last called the coordinator, written at most every LAST_SEEN_EVERY_S.
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Update(Base):

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cotune.cli.admin import builds_app, devices_app, runs_app, watch
 from cotune.cli.bench_quality import bench_quality
 from cotune.cli.edge_export import edge_export
 from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
@@ -25,12 +26,16 @@ app = typer.Typer(
     "or see it all run on tiny models with `cotune demo`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 edge_app = typer.Typer(help="Device side: take part in a co-tuning run.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 bench_app = typer.Typer(help="Benchmarks: each writes JSON, a markdown table and a PNG plot.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(runs_app, name="runs")
+app.add_typer(devices_app, name="devices")
+app.add_typer(builds_app, name="builds")
+app.command("watch")(watch)
 
 _state: dict[str, Any] = {"debug": False}
 
@@ -43,9 +48,19 @@ bench_app.command("latency")(bench_latency)
 bench_app.command("quality")(bench_quality)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from common import __version__
+
+        typer.echo(f"cotune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(
@@ -87,10 +102,13 @@ def serve(
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    log_level: Annotated[str | None, typer.Option(help="critical | error | warning | info | debug")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text | json (one JSON object a line)")] = None,
 ) -> None:
     """Start the coordinator (FastAPI + the round driver).
 
-    Settings come from COTUNE_* environment variables, then --config, then flags. With a
+    Flags win over COTUNE_* environment variables (COTUNE_RUN__ROUNDS for a field of the run),
+    which win over --config, which wins over the defaults. With a
     run in the config (or --run-name and --slm) the run is created at start-up, or resumed
     if the state database already holds it with the same spec. Without an enroll token the
     run gets one, kept in a file beside the state (mode 0600) for later starts.
@@ -99,6 +117,7 @@ def serve(
 
     from cloud.app import create_app
     from cloud.auth import new_token
+    from cloud.logs import configure_logging
     from cloud.settings import check_tls, load_settings
     from cloud.startup import admin_token_path, write_secret
 
@@ -111,8 +130,9 @@ def serve(
     settings = load_settings(
         config, host=host, port=port, state_url=state_url, artifact_dir=artifact_dir,
         admin_token=admin_token, torch_threads=threads, run=run or None,
-        tls_certfile=tls_cert, tls_keyfile=tls_key,
+        tls_certfile=tls_cert, tls_keyfile=tls_key, log_level=log_level, log_format=log_format,
     )
+    configure_logging(settings.log_level, settings.log_format)
     check_tls(settings)
     if settings.admin_token is None:
         settings.admin_token = new_token()
@@ -121,7 +141,9 @@ def serve(
         typer.echo(f"admin token written to {token_file}")
     if settings.run is not None:
         settings.run = _start_up_run(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+    # log_config=None: uvicorn's loggers (its access log, on at info) go through ours, in our format.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None,
                 ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
 
 
@@ -146,29 +168,42 @@ def _start_up_run(settings: Any) -> Any:
 
 @edge_app.command("join")
 def edge_join(
-    coordinator: Annotated[str, typer.Option(help="coordinator URL, e.g. http://10.0.0.2:8080")],
-    enroll_token: Annotated[str, typer.Option(envvar="COTUNE_ENROLL_TOKEN", help="the run's enroll token")],
-    data: Annotated[Path, typer.Option(help="private JSONL of {prompt, response}; never leaves the device")],
+    config: Annotated[Path | None, typer.Option(help="TOML file of these options (flags, COTUNE_EDGE_* win)")] = None,
+    coordinator: Annotated[str | None, typer.Option(help="coordinator URL, e.g. http://10.0.0.2:8080")] = None,
+    enroll_token: Annotated[
+        str | None, typer.Option(envvar="COTUNE_ENROLL_TOKEN", help="the run's enroll token")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="private JSONL of {prompt, response}; never leaves the device")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="local held-out JSONL, scored each round")] = None,
-    name: Annotated[str, typer.Option(help="a name for this device")] = "device",
-    state_dir: Annotated[Path, typer.Option(help="credentials, cache and pending updates")] = Path(".cotune/edge"),
+    name: Annotated[str | None, typer.Option(help="a name for this device (default: device)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="credentials, cache and pending updates (default: .cotune/edge)")] = None,
     out: Annotated[Path | None, typer.Option(help="where the final model and adapter go")] = None,
-    poll: Annotated[float, typer.Option(help="seconds between polls while waiting")] = 1.0,
+    poll: Annotated[float | None, typer.Option(help="seconds between polls while waiting (default: 1)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="show progress bars")] = None,
     ca_cert: Annotated[Path | None, typer.Option(help="PEM CA bundle to trust for an https coordinator")] = None,
     slm: Annotated[Path | None, typer.Option(
         help="this device's own SLM checkpoint (co-plms, crosslm); it never leaves the device")] = None,
 ) -> None:
-    """Take part in a run until it ends: pull, train locally, upload, repeat."""
-    _threads(threads)
+    """Take part in a run until it ends: pull, train locally, upload, repeat.
+
+    Flags win over COTUNE_EDGE_* environment variables (COTUNE_EDGE_COORDINATOR, ...), which
+    win over --config, which wins over the defaults."""
+    from edge_sdk.settings import load_device_settings
+
+    settings = load_device_settings(
+        config, coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data, name=name,
+        state_dir=state_dir, out_dir=out, poll_s=poll, threads=threads, progress=progress, ca_cert=ca_cert,
+        local_slm=slm)
+    _threads(settings.threads)
     from edge_sdk.worker import EdgeWorker, JoinConfig
 
-    cfg = JoinConfig(coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data,
-                     name=name, state_dir=state_dir, out_dir=out, poll_s=poll, progress=progress,
-                     ca_cert=ca_cert, local_slm=slm)
+    name = settings.name
+    cfg = JoinConfig(**settings.model_dump(exclude={"threads"}))
     result = EdgeWorker(cfg, on_event=lambda msg: typer.echo(f"[{name}] {msg}")).run()
-    typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")
+    if not result.stopped:
+        typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")
 
 
 @app.command()
@@ -195,13 +230,12 @@ def status(
     """Show runs and their per-round scores and bytes moved, as the admin sees them."""
     import json
 
-    from common.protocol import RunStatus
     from common.retry import Backoff
     from cotune.demo.quickstart import run_table
     from edge_sdk.client import CoordinatorClient
 
     with CoordinatorClient(coordinator, token=admin_token or None, backoff=Backoff(max_tries=2)) as client:
-        runs = [RunStatus.model_validate(r) for r in client._call("GET", "/v1/runs")]
+        runs = client.list_runs()
     chosen = [r for r in runs if run in (None, r.run_id, r.name)]
     if run is not None and not chosen:
         raise ValueError(f"no run {run!r} on {coordinator}; it has {[r.name for r in runs]}")
