@@ -32,6 +32,7 @@ from common.protocol import (
 )
 from common.tensorfile import save_arrays
 from edge_sdk.client import CoordinatorClient, CoordinatorError
+from edge_sdk.doctor import check_install
 from edge_sdk.handlers import DeviceContext, FinalArtifacts, TaskHandler, UpdatePayload, handler_for, task_kinds
 from edge_sdk.paths import check_name, safe_join
 from edge_sdk.profile import detect_profile
@@ -181,6 +182,9 @@ class EdgeWorker:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> JoinResult:
+        # Before enrolling: every device task kind trains, and a device that enrolls and then
+        # fails at its first round holds a place in the run for nothing.
+        check_install(train=True)
         creds = self._credentials()
         result = JoinResult(run_id=creds.run_id, client_id=creds.client_id)
         waiting_logged: int | None = None
@@ -201,6 +205,8 @@ class EdgeWorker:
                 result.stopped = True
                 self.client.close()
                 return result
+            if info.task.builds:  # known only once enrolled; still before any training
+                check_install(builds=True)
             if info.state in _ACCEPTING and not info.submitted:
                 if self._take_part(creds, info):
                     result.rounds_trained.append(info.round)
@@ -289,6 +295,7 @@ class EdgeWorker:
             "run_id": result.run_id, "client_id": result.client_id, "round": info.round,
             "adapter_sha256": final.adapter_sha256, "rounds_trained": result.rounds_trained,
             "model_dir": str(final.model_dir), "artifacts": [r.model_dump() for r in info.artifacts],
+            "peft_dir": str(final.peft_dir) if final.peft_dir else None,
             "build_dir": str(result.build_dir) if result.build_dir else None,
         }, indent=2))
         self.say(f"run finished after round {info.round}; final adapter sha256 {final.adapter_sha256[:12]} "

@@ -15,8 +15,10 @@ import typer
 
 from cotune.cli.admin import builds_app, devices_app, runs_app, watch
 from cotune.cli.bench_quality import bench_quality
+from cotune.cli.edge_doctor import edge_doctor
 from cotune.cli.edge_export import edge_export
 from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
+from cotune.cli.edge_serve import edge_serve
 from cotune.cli.export import export_command
 
 app = typer.Typer(
@@ -44,6 +46,8 @@ app.command("export")(export_command)
 edge_app.command("generate")(edge_generate)
 edge_app.command("bench")(edge_bench)
 edge_app.command("export")(edge_export)
+edge_app.command("serve")(edge_serve)
+edge_app.command("doctor")(edge_doctor)
 bench_app.command("latency")(bench_latency)
 bench_app.command("quality")(bench_quality)
 

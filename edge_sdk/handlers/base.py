@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.protocol import ArtifactRef, RoundInfo
+from common.protocol import ArtifactRef, LoraSpec, RoundInfo
 
 
 class Fetcher(Protocol):
@@ -46,6 +46,15 @@ class FinalArtifacts:
     model_dir: Path
     adapter: Path
     adapter_sha256: str
+    # The same adapter as a stock peft directory (adapter_config.json + adapter_model.safetensors).
+    peft_dir: Path | None = None
+
+
+def keep_peft_dir(adapter: Path, lora: LoraSpec, model_dir: Path, out: Path) -> Path:
+    """Write the final adapter as a peft directory at `out`, its base being `model_dir`."""
+    from common.ml.peft_dir import write_peft_dir
+
+    return write_peft_dir(adapter, lora, model_dir.resolve(), out)
 
 
 def artifact(info: RoundInfo, name: str) -> ArtifactRef:

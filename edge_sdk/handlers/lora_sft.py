@@ -10,7 +10,7 @@ from typing import Any
 from common.methods.contract import ADAPTER_FILE, SLM_PREFIX, adapter_artifact
 from common.methods.fedavg import LORA_SFT
 from common.protocol import RoundInfo
-from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact
+from edge_sdk.handlers.base import FinalArtifacts, TaskHandler, UpdatePayload, artifact, keep_peft_dir
 from edge_sdk.paths import check_name
 
 
@@ -91,4 +91,7 @@ class LoraSftHandler(TaskHandler):
             [r for r in info.artifacts if r.name.startswith(self.prefix + "/")], self.prefix, out_dir / self.prefix
         )
         (out_dir / "adapter_info.json").write_text(json.dumps({"lora": info.task.lora.model_dump()}, indent=2))
-        return FinalArtifacts(model_dir=model_dir, adapter=model_dir / ADAPTER_FILE, adapter_sha256=ref.sha256)
+        adapter = model_dir / ADAPTER_FILE
+        peft_dir = keep_peft_dir(adapter, info.task.lora, model_dir,
+                                 out_dir / ("adapter" if self.prefix == SLM_PREFIX else f"{self.prefix}-adapter"))
+        return FinalArtifacts(model_dir=model_dir, adapter=adapter, adapter_sha256=ref.sha256, peft_dir=peft_dir)

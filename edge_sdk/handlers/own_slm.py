@@ -19,7 +19,7 @@ from typing import Any
 
 from common.methods.contract import ADAPTER_FILE, adapter_artifact
 from common.protocol import RoundInfo
-from edge_sdk.handlers.base import DeviceContext, FinalArtifacts
+from edge_sdk.handlers.base import DeviceContext, FinalArtifacts, keep_peft_dir
 from edge_sdk.paths import check_name
 
 _ADAPTER = re.compile(r"^adapter-r(\d+)\.safetensors$")
@@ -112,4 +112,6 @@ class OwnSlm:
         adapter.write_bytes(data)
         (out_dir / "adapter_info.json").write_text(json.dumps(
             {"lora": info.task.lora.model_dump(), "base": str(base), "method": self.method}, indent=2))
-        return FinalArtifacts(model_dir=target, adapter=adapter, adapter_sha256=hashlib.sha256(data).hexdigest())
+        peft_dir = keep_peft_dir(adapter, info.task.lora, target, out_dir / "adapter")
+        return FinalArtifacts(model_dir=target, adapter=adapter, adapter_sha256=hashlib.sha256(data).hexdigest(),
+                              peft_dir=peft_dir)
