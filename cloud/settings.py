@@ -3,37 +3,18 @@
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
 from common.protocol import RunSpec
-
-# The TOML file `load_settings` reads, for the source that sits below the environment.
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cotune_config_file", default=None)
+from common.settings import LayeredSettings, load_layered
 
 
-class CoordinatorSettings(BaseSettings):
+class CoordinatorSettings(LayeredSettings):
     model_config = SettingsConfigDict(env_prefix="COTUNE_", env_nested_delimiter="__", extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # First wins: flags (init), then the environment, then the config file; containers
-        # override a baked-in file with environment variables.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get()))
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -93,16 +74,4 @@ def load_settings(config: Path | None = None, **overrides: Any) -> CoordinatorSe
     """Settings from `overrides` (flags; None means not given) over COTUNE_* environment
     variables over the TOML `config` (top-level keys and an optional [run] table) over defaults.
     The [run] table merges key by key across them: a flag or COTUNE_RUN__ROUNDS changes one field."""
-    if config is not None:
-        try:
-            tomllib.loads(config.read_text())  # the source skips a missing file; say so instead
-        except FileNotFoundError:
-            raise ValueError(f"config file {config} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {config} is not valid TOML: {exc}") from None
-    given = {key: value for key, value in overrides.items() if value is not None}
-    token = _config_file.set(config)
-    try:
-        return CoordinatorSettings(**given)
-    finally:
-        _config_file.reset(token)
+    return load_layered(CoordinatorSettings, config, overrides)

@@ -3,34 +3,17 @@ COTUNE_EDGE_* environment variables over a TOML file (`cotune edge join --config
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
-# The TOML file `load_device_settings` reads, for the source that sits below the environment.
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cotune_edge_config", default=None)
+from common.settings import LayeredSettings, load_layered
 
 
-class DeviceSettings(BaseSettings):
+class DeviceSettings(LayeredSettings):
     model_config = SettingsConfigDict(env_prefix="COTUNE_EDGE_", env_nested_delimiter="__", extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # First wins: flags (init), then the environment, then the config file.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get()))
 
     coordinator: str = Field(..., description="coordinator URL, e.g. http://10.0.0.2:8080")
     enroll_token: str = Field(..., description="the run's enroll token")
@@ -49,15 +32,4 @@ class DeviceSettings(BaseSettings):
 def load_device_settings(config: Path | None = None, **flags: Any) -> DeviceSettings:
     """Settings from `flags` (None means not given) over COTUNE_EDGE_* variables over the TOML
     `config` over defaults."""
-    if config is not None:
-        try:
-            tomllib.loads(config.read_text())  # the source skips a missing file; say so instead
-        except FileNotFoundError:
-            raise ValueError(f"config file {config} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {config} is not valid TOML: {exc}") from None
-    token = _config_file.set(config)
-    try:
-        return DeviceSettings(**{key: value for key, value in flags.items() if value is not None})
-    finally:
-        _config_file.reset(token)
+    return load_layered(DeviceSettings, config, flags)
