@@ -73,6 +73,16 @@ def _resolve_targets(model: Any, requested: list[str]) -> tuple[list[str], bool]
     return resolved, is_gpt2
 
 
+def lora_config(spec: LoraSpec, targets: list[str], fan_in_fan_out: bool, **extra: Any) -> Any:
+    """The peft LoraConfig for `spec` on these target modules: what a model is trained with and
+    what a peft directory of its adapter declares. `fan_in_fan_out` for GPT-2's Conv1D layers,
+    which store weights transposed."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", **extra)
+
+
 def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     """Wrap `model` in a peft LoRA model (causal LM); only LoRA parameters train.
 
@@ -81,20 +91,12 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     GPT2_TARGETS (q/k/v_proj -> c_attn, o_proj -> attn.c_proj).
     """
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
     if hasattr(model, "peft_config"):
         raise ValueError("the model already has adapters; attach LoRA to a base model")
     targets, is_gpt2 = _resolve_targets(model, list(spec.target_modules))
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=targets,
-        fan_in_fan_out=is_gpt2,  # GPT-2's Conv1D stores weights transposed
-        bias="none",
-    )
+    config = lora_config(spec, targets, fan_in_fan_out=is_gpt2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)

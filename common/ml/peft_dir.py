@@ -58,10 +58,9 @@ def write_peft_dir(
     from it). The exact adapted module names are the target modules, so peft adapts exactly
     the layers our loader did (including GPT-2's mapped names). Returns `out_dir`.
     """
-    from peft import LoraConfig, TaskType
     from safetensors.torch import save_file
 
-    from common.ml.lora import adapter_from_bytes
+    from common.ml.lora import adapter_from_bytes, lora_config
 
     data = adapter if isinstance(adapter, bytes) else Path(adapter).read_bytes()
     tensors, _ = adapter_from_bytes(data)
@@ -72,16 +71,7 @@ def write_peft_dir(
         fan_in_fan_out = model_type == "gpt2"
     else:  # no local config to read: GPT-2 is the only family here with Conv1D layer names
         fan_in_fan_out = any(m.rsplit(".", 1)[-1] in _CONV1D_LEAVES for m in modules)
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=modules,
-        fan_in_fan_out=fan_in_fan_out,
-        bias="none",
-        base_model_name_or_path=base,
-    )
+    config = lora_config(lora, modules, fan_in_fan_out, base_model_name_or_path=base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
