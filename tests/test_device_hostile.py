@@ -20,11 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from common.methods.contract import SLM_PREFIX
 from common.protocol import ArtifactRef
 from common.retry import Backoff
+from common.tensorfile import save_arrays
 from edge_sdk.client import CoordinatorClient, IntegrityError
 from edge_sdk.worker import ArtifactCache, EdgeWorker, JoinConfig
 from tests.support import CoordinatorProcess, run_spec
@@ -237,10 +239,15 @@ def _manifest() -> dict[str, Any]:
 def test_build_list_that_leaves_the_build_dir_stops_the_device(box: Path, build_name: str,
                                                                file_name: str) -> None:
     file_name = file_name.format(box=box)
-    adapter = _ref(f"{SLM_PREFIX}/adapter.safetensors")
+    # A well-formed adapter: the device keeps it (and its peft copy) before it pulls the builds.
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    body = save_arrays({f"{module}.lora_A.weight": np.zeros((4, 8), np.float32),
+                        f"{module}.lora_B.weight": np.zeros((8, 4), np.float32)})
+    adapter = _ref(f"{SLM_PREFIX}/adapter.safetensors", body)
     finished = _round([adapter], run_state="finished", state="closed", builds="ready")
     build = {"name": build_name, "round": 1, "manifest": _manifest(), "files": [_ref(file_name)]}
-    url, exc = _join_against(box, _serve(finished, builds={"best": build, "builds": [build]}))
+    url, exc = _join_against(box, _serve(finished, builds={"best": build, "builds": [build]},
+                                         blobs={adapter["sha256"]: body}))
     assert isinstance(exc, RuntimeError), f"{type(exc).__name__}: {exc}"
     assert "build" in str(exc) and url in str(exc) and "refus" in str(exc)
     assert _outside(box) == []
