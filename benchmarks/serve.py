@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import Column, Panel, write_report
+from cotune.demo.quickstart import wait_healthy
 
 SERVERS = ("cotune edge serve", "llama_cpp.server")
 PROSE = ("the river lock keeper closed the upper gate at dawn and walked down to the mill where "
@@ -92,7 +93,6 @@ def _free_port() -> int:
 
 
 def start_server(which: str, path: Path, cfg: ServeBenchConfig, log: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
 
     port = _free_port()
     if which == "llama_cpp.server":
@@ -106,18 +106,13 @@ def start_server(which: str, path: Path, cfg: ServeBenchConfig, log: Path) -> tu
                "--threads", str(cfg.threads), "--flash-attn" if cfg.flash_attn else "--no-flash-attn"]
     proc = subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{which} exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).is_success:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"{which} did not answer within 120 s; see {log}")
+    try:
+        # llama_cpp.server has no /healthz: both servers answer /v1/models once the model is loaded.
+        wait_healthy(url, proc, path="/v1/models", what=f"{which} (log: {log})")
+    except RuntimeError:
+        proc.terminate()
+        raise
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:

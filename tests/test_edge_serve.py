@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from cotune.demo.quickstart import child_env, cotune_cmd, free_port
+from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy
 from tests.test_runtime_llama import _exporter, _random_adapter
 from tests.test_runtime_onnx import make_tiny_checkpoint
 
@@ -45,18 +45,12 @@ def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cotune_cmd("edge", "serve", "--port", str(port), "--threads", "1", *args),
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=child_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"edge serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).is_success:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("edge serve did not come up")
+    try:
+        wait_healthy(url, proc, what=f"edge serve (log: {log})")
+    except RuntimeError:
+        proc.terminate()
+        raise
+    return proc, url
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -54,18 +54,20 @@ def cotune_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cotune.cli.main", *args]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0, path: str = "/healthz",
+                 what: str = "the coordinator") -> None:
+    """Wait until `url + path` answers 2xx; fail early if `proc` exits, or after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the coordinator exited with code {proc.returncode}; see its log")
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; see its log")
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).is_success:
+            if httpx.get(f"{url}{path}", timeout=2).is_success:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"the coordinator did not answer on {url} within {timeout:.0f}s")
+    raise RuntimeError(f"{what} did not answer on {url} within {timeout:.0f}s")
 
 
 def write_server_config(path: Path, *, port: int, state_dir: Path, admin_token: str,
