@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 API_PREFIX = "/v1"
 
@@ -56,6 +64,24 @@ class LoraSpec(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
     )
+    aggregation: Literal["factors", "ffa", "svd"] = Field(
+        "factors", description="how the coordinator combines the devices' LoRA factors (ARCHITECTURE.md, "
+        "\"LoRA aggregation\"). factors: the mean of A and the mean of B, each on its own (FedAvg; "
+        "mean(B)·mean(A) is not the mean of the products B·A). ffa: A stays at its seeded init on every "
+        "device and on the server and only B trains (FFA-LoRA), so the mean of B is the exact mean of the "
+        "products; an update whose A changed is refused. svd: the server takes each module's weighted mean "
+        "of B·A and re-factorises it to rank r by truncated SVD (needs aggregation.rule 'mean')")
+
+    @model_serializer(mode="wrap")
+    def _default_aggregation_unsaid(self, handler: SerializerFunctionWrapHandler):
+        # The default goes unsaid, so a spec, a task or adapter_info.json that does not choose
+        # a mode serialises byte for byte as before the choice existed, and devices whose
+        # LoraSpec predates it still take such tasks. No return annotation: with one, pydantic
+        # would describe the serialised LoraSpec by it instead of by the fields (OpenAPI).
+        data = handler(self)
+        if isinstance(data, dict) and data.get("aggregation") == "factors":
+            del data["aggregation"]
+        return data
 
 
 class TrainSpec(_Strict):
@@ -78,6 +104,9 @@ class DistillSpec(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)
+    direction: Literal["mutual", "llm_to_slm"] = Field(
+        "mutual", description="mutual: both sides learn from each other (FedCoLLM); llm_to_slm: the LLM stays "
+        "frozen and only teaches the SLM (an ablation that isolates what the mutual direction adds)")
 
 
 class PrivacySpec(_Strict):

@@ -63,7 +63,10 @@ class UpdatesService:
         try:
             header = read_header(body)
             check_schema(header, strategy.update_schema(dict(rnd.inputs)))
-            check_finite(load_arrays(body, header))
+            arrays = load_arrays(body, header)
+            check_finite(arrays)
+            strategy.check_update(arrays, dict(rnd.inputs))
+            del arrays  # memory-mapped views of the spooled body
         except TensorFileError as exc:
             raise ApiError(422, exc.code, _bounded(exc.message), exc.hint) from None
         most = strategy.spec.max_samples_per_update

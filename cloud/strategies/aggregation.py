@@ -10,19 +10,26 @@ cannot steer the result (ARCHITECTURE.md, "Round state machine").
   at a time). `median` and `trimmed_mean` are coordinate-wise and give every update one vote;
   they need all updates at once, so the updates are written into one memory-mapped float32
   stack on disk (updates x coordinates) and reduced one block of coordinates at a time.
+- LoRA (`LoraSpec.aggregation`, cloud/strategies/lora_products.py): `factors` aggregates A and B
+  like any tensor; `ffa` takes every lora_A from the round's starting adapter, bit for bit, and
+  refuses an update whose A changed; `svd` (rule `mean` only) replaces each module's factors by
+  the rank-r SVD factorisation of the weighted mean of the products B·A. Every mode reports the
+  factor-averaging gap `lora_factor_gap` (a second streamed pass over the updates).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud.strategies.lora_products import check_frozen_factors, lora_modules, product_pass
+from common.ml.lora import frozen_factor
 from common.protocol import AggregationRule, AggregationSpec
 from common.tensorfile import Schema, check_schema, load_arrays, read_header
 
@@ -32,6 +39,7 @@ BLOCK_BYTES = 32 * 2**20
 
 Arrays = Mapping[str, np.ndarray]
 Reducer = Callable[[np.ndarray], np.ndarray]
+Check = Callable[[Arrays], None]
 
 
 @dataclass(frozen=True)
@@ -77,33 +85,69 @@ def capped_weights(samples: Sequence[int], max_samples: int, max_share: float | 
 
 
 def aggregate(updates: Iterable[UpdateFile], schema: Schema, spec: AggregationSpec, max_samples: int, *,
-              reference: Path | None = None, scratch: Path | None = None) -> Aggregate:
+              reference: Path | None = None, scratch: Path | None = None, lora: str = "factors",
+              factor_gap: bool = True) -> Aggregate:
     """Aggregate `updates` (each checked against `schema`) under `spec`.
 
-    `reference` is the round's starting adapter, needed for norm bounding; `scratch` is where the
-    robust rules keep their memory-mapped stack (a directory on the data disk).
+    `reference` is the round's starting adapter, needed for norm bounding and for `lora == "ffa"`;
+    `scratch` is where the robust rules keep their memory-mapped stack (a directory on the data
+    disk). `lora` is the run's `LoraSpec.aggregation`. `factor_gap` adds the figure
+    `lora_factor_gap`, which needs every update on its own (not only their sum); `svd` reports it
+    whatever `factor_gap` says, since it reads every update anyway.
     """
     files = list(updates)
     if not files:
         raise ValueError("no updates to aggregate")
+    if lora == "svd" and spec.rule is not AggregationRule.mean:
+        raise ValueError(f"LoRA aggregation 'svd' re-factorises a weighted mean; rule {spec.rule.value!r} has none")
     bound = spec.norm_bound
     start: Arrays | None = None
-    if bound is not None:
+    if bound is not None or lora == "ffa":
         if reference is None:
-            raise ValueError("norm bounding needs the round's starting adapter")
+            raise ValueError("norm bounding and LoRA aggregation 'ffa' need the round's starting adapter")
         start = _read(reference, schema)
+    check: Check | None = None
+    if lora == "ffa":
+        first: Arrays = start if start is not None else {}
+
+        def check(arrays: Arrays) -> None:
+            check_frozen_factors(arrays, first, lora)
+
     figures: dict[str, Any] = {"rule": spec.rule.value, "updates": len(files)}
     if spec.rule is AggregationRule.mean:
         weights = capped_weights([f.num_samples for f in files], max_samples, spec.max_weight_share)
-        arrays, clipped = _weighted_mean(files, weights, schema, start, bound)
+        arrays, scales = _weighted_mean(files, weights, schema, start if bound is not None else None, bound, check)
         total = math.fsum(weights)
         figures["weights_capped"] = sum(w < f.num_samples for w, f in zip(weights, files, strict=True))
         figures["weight_share_max"] = round(max(weights) / total, 6)
     else:
+        weights = [1.0] * len(files)  # one vote per update, as the rule gives
         reducer = _median if spec.rule is AggregationRule.median else _trimmed_mean(spec.trim)
-        arrays, clipped = _coordinatewise(files, schema, reducer, start, bound, scratch)
+        arrays, scales = _coordinatewise(files, schema, reducer, start if bound is not None else None, bound,
+                                         scratch, check)
     if bound is not None:
-        figures["norm_clipped"] = clipped
+        figures["norm_clipped"] = sum(scale < 1.0 for scale in scales)
+    modules = lora_modules(schema)
+    if lora == "svd" and not modules:
+        raise ValueError("LoRA aggregation 'svd' needs lora_A / lora_B pairs; these updates have none")
+    if modules and (factor_gap or lora == "svd"):
+        bounded_start = start if bound is not None else None
+
+        def source() -> Iterator[tuple[float, Callable[[str], np.ndarray]]]:
+            for update, weight, scale in zip(files, weights, scales, strict=True):
+                tensors = _read(update.path, schema)
+                yield weight, lambda name, t=tensors, k=scale: _bounded(name, t[name], bounded_start, k)
+                del tensors
+
+        result = product_pass(modules, source, svd=lora == "svd")
+        arrays.update(result.factors)
+        figures.update(result.figures)
+    if modules:
+        figures["lora_aggregation"] = lora
+    if lora == "ffa" and start is not None:
+        for name in arrays:
+            if frozen_factor(name, lora):
+                arrays[name] = np.array(start[name], dtype=np.float32, copy=True)  # bit for bit the start
     return Aggregate(arrays, figures)
 
 
@@ -111,7 +155,7 @@ def weighted_mean(updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np
     """Sample-weighted mean of updates, weights as declared, streamed: one update mapped at a time."""
     files = list(updates)
     weights = [float(f.num_samples) for f in files]
-    return _weighted_mean(files, weights, schema, None, None)[0]
+    return _weighted_mean(files, weights, schema, None, None, None)[0]
 
 
 def _read(path: Path, schema: Schema) -> Arrays:
@@ -140,14 +184,17 @@ def _bounded(name: str, arr: np.ndarray, start: Arrays | None, scale: float) -> 
 
 
 def _weighted_mean(files: Sequence[UpdateFile], weights: Sequence[float], schema: Schema, start: Arrays | None,
-                   bound: float | None) -> tuple[dict[str, np.ndarray], int]:
-    """Streamed: memory is one float64 accumulator per tensor, whatever the number of updates."""
+                   bound: float | None, check: Check | None) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Streamed: memory is one float64 accumulator per tensor, whatever the number of updates.
+    Returns the mean and each update's norm-bounding scale (1.0: not clipped)."""
     sums: dict[str, np.ndarray] | None = None
-    clipped = 0
+    scales: list[float] = []
     for update, weight in zip(files, weights, strict=True):
         arrays = _read(update.path, schema)
+        if check is not None:
+            check(arrays)
         scale = _scale(arrays, start, bound)
-        clipped += scale < 1.0
+        scales.append(scale)
         if sums is None:
             sums = {name: np.zeros(arr.shape, dtype=np.float64) for name, arr in arrays.items()}
         for name, arr in arrays.items():
@@ -156,7 +203,7 @@ def _weighted_mean(files: Sequence[UpdateFile], weights: Sequence[float], schema
     total = math.fsum(weights)
     if sums is None or total <= 0:
         raise ValueError("no updates with samples to aggregate")
-    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}, clipped
+    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}, scales
 
 
 def _median(block: np.ndarray) -> np.ndarray:
@@ -175,7 +222,8 @@ def _trimmed_mean(fraction: float) -> Reducer:
 
 
 def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reducer, start: Arrays | None,
-                    bound: float | None, scratch: Path | None) -> tuple[dict[str, np.ndarray], int]:
+                    bound: float | None, scratch: Path | None,
+                    check: Check | None) -> tuple[dict[str, np.ndarray], list[float]]:
     """Stack every update (float32, on disk, memory-mapped), then reduce blocks of coordinates.
 
     Memory: the float32 result (4 bytes per parameter) plus one block of at most BLOCK_BYTES;
@@ -188,14 +236,16 @@ def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reduce
         size += math.prod(shape)
     n = len(files)
     flat = np.empty(size, dtype=np.float32)
-    clipped = 0
+    scales: list[float] = []
     if size:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="aggregate-") as tmp:
             stack = np.memmap(Path(tmp) / "stack.f32", dtype=np.float32, mode="w+", shape=(n, size))
             for row, update in enumerate(files):
                 arrays = _read(update.path, schema)
+                if check is not None:
+                    check(arrays)
                 scale = _scale(arrays, start, bound)
-                clipped += scale < 1.0
+                scales.append(scale)
                 for name, arr in arrays.items():
                     lo, hi = spans[name]
                     stack[row, lo:hi] = _bounded(name, arr, start, scale).ravel()
@@ -205,4 +255,4 @@ def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reduce
             for lo in range(0, size, width):
                 flat[lo:lo + width] = reducer(np.asarray(stack[:, lo:lo + width], dtype=np.float64))
             del stack  # unmapped before its directory goes
-    return {name: flat[lo:hi].reshape(schema[name][0]) for name, (lo, hi) in spans.items()}, clipped
+    return {name: flat[lo:hi].reshape(schema[name][0]) for name, (lo, hi) in spans.items()}, scales

@@ -24,10 +24,11 @@ from cloud.models import ModelHolder
 from cloud.store import BlobStore
 from cloud.strategies.aggregation import Aggregate, UpdateFile, weighted_mean
 from cloud.strategies.aggregation import aggregate as aggregate_updates
+from cloud.strategies.lora_products import check_frozen_factors, lora_aggregation_problem
 from common.methods import MethodContract
 from common.methods.reports import checked_metrics
 from common.protocol import AggregationRule, ClientRegistration, ClientTask, LoraSpec, RunSpec
-from common.tensorfile import Schema, read_header, schema_of
+from common.tensorfile import Schema, load_arrays, read_header, schema_of
 
 P = TypeVar("P", bound=BaseModel)
 log = logging.getLogger("cotune.strategies")
@@ -108,8 +109,12 @@ class Strategy(ABC):
         per-sample scores) take the weighted mean only, unless their strategy overrides this.
         """
         agg = spec.aggregation
-        if cls.contract.update_tensors:
-            what = f"{cls.name} devices upload {', '.join(cls.contract.update_tensors)}, not an adapter"
+        what = (f"{cls.name} devices upload {', '.join(cls.contract.update_tensors)}, not an adapter"
+                if cls.contract.update_tensors else None)
+        problem = lora_aggregation_problem(spec.lora.aggregation, agg.rule.value, what)
+        if problem is not None:
+            raise SpecError(problem)
+        if what is not None:
             if agg.norm_bound is not None:
                 raise SpecError(f"aggregation.norm_bound bounds an update's change from the round's adapter; {what}: "
                                 "remove norm_bound")
@@ -190,10 +195,21 @@ class Strategy(ABC):
         Under local DP a device's sample count is private (it declares 1), so every update
         weighs the same and no device can claim more."""
         agg = self.spec.aggregation
-        reference = self.store.path(inputs[self.update_artifact]) if agg.norm_bound is not None else None
+        lora = self.spec.lora.aggregation
+        needs_start = agg.norm_bound is not None or lora == "ffa"
+        reference = self.store.path(inputs[self.update_artifact]) if needs_start else None
         max_samples = 1 if self.spec.privacy is not None else self.spec.max_samples_per_update
+        # The coordinator sees every update on its own today, so the factor-gap figure is always
+        # computed; under a secure aggregation that reveals only the sum it would be turned off.
         return aggregate_updates(updates, self.update_schema(dict(inputs)), agg, max_samples,
-                                 reference=reference, scratch=self._scratch())
+                                 reference=reference, scratch=self._scratch(), lora=lora, factor_gap=True)
+
+    def check_update(self, arrays: Mapping[str, Any], inputs: Mapping[str, str]) -> None:
+        """Refuse (TensorFileError, answered 422) an upload this run's LoRA aggregation cannot take:
+        under 'ffa', one whose lora_A tensors are not the round's starting ones."""
+        if self.spec.lora.aggregation == "ffa" and not self.contract.update_tensors:
+            reference = self.store.path(inputs[self.update_artifact])
+            check_frozen_factors(arrays, load_arrays(reference, read_header(reference)), "ffa")
 
     def _scratch(self) -> Path:
         # The store's scratch folder (BlobStore makes it): on the data disk, beside the updates.

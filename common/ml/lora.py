@@ -10,6 +10,7 @@ shapes, which is what FedAvg needs.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -83,8 +84,27 @@ def lora_config(spec: LoraSpec, targets: list[str], fan_in_fan_out: bool, **extr
                       target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", **extra)
 
 
+# Where attach_lora records which LoRA parameters stay frozen, so that every trainer (which
+# re-marks the trainable parameters through `lora_trainable`) keeps them frozen too.
+_FROZEN_ATTR = "cotune_frozen_factors"
+_A_FACTOR = re.compile(r"(^|\.)lora_A(\.|$)")
+
+
+def frozen_factor(name: str, aggregation: str) -> bool:
+    """Whether the adapter tensor or parameter `name` stays at its seeded init under the run's
+    `LoraSpec.aggregation`: with 'ffa' (FFA-LoRA) every lora_A does, and only lora_B trains."""
+    return aggregation == "ffa" and _A_FACTOR.search(name) is not None
+
+
+def lora_trainable(model: Any, name: str) -> bool:
+    """Whether parameter `name` of a model made by `attach_lora` trains: a LoRA parameter that
+    the run's LoRA aggregation does not freeze."""
+    return "lora_" in name and not frozen_factor(name, getattr(model, _FROZEN_ATTR, "factors"))
+
+
 def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
-    """Wrap `model` in a peft LoRA model (causal LM); only LoRA parameters train.
+    """Wrap `model` in a peft LoRA model (causal LM); only LoRA parameters train, and with
+    `spec.aggregation == "ffa"` only the lora_B ones (A stays at its seeded init).
 
     The init is deterministic for a given seed (A is random, B zero, so the adapted
     model starts equal to the base). For GPT-2, llama-style names are mapped through
@@ -100,8 +120,10 @@ def attach_lora(model: Any, spec: LoraSpec, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    # A plain attribute (not a parameter or buffer): trainers read it through lora_trainable.
+    object.__setattr__(peft_model, _FROZEN_ATTR, spec.aggregation)
     for name, param in peft_model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(lora_trainable(peft_model, name))
     return peft_model
 
 

@@ -156,10 +156,13 @@ def run_sft(
 
 
 def _lora_only(model: Any) -> list[Any]:
-    """Make exactly the LoRA parameters trainable; return them."""
+    """Make exactly the LoRA parameters trainable (less those the run's LoRA aggregation keeps
+    frozen, see common.ml.lora.lora_trainable); return them."""
+    from common.ml.lora import lora_trainable
+
     trainable = []
     for name, param in model.named_parameters():
-        is_lora = "lora_" in name
+        is_lora = lora_trainable(model, name)
         param.requires_grad_(is_lora)
         if is_lora:
             trainable.append(param)

@@ -22,6 +22,7 @@ def private_payload(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: d
     Every call is a release, counted in the device's ledger for the run (kept in its state
     directory) before the update can leave: the epsilon reported covers this release too.
     """
+    from common.ml.lora import frozen_factor
     from edge_sdk.privacy import DECLARED_SAMPLES, local_epsilon, privatize
 
     spec = info.task.privacy
@@ -29,7 +30,11 @@ def private_payload(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: d
     ledger_path = Path(ctx.state_dir) / f"privacy-{run_id}.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"rounds": []}
     ledger["rounds"].append(info.round)
-    result = privatize(start, trained, spec.clip_norm, spec.noise_multiplier)
+    # Factors the run keeps frozen (FFA-LoRA's A) are public and unchanged: they go as they are,
+    # outside the clipping and the noise, which the coordinator would otherwise refuse.
+    frozen = {k for k in start if frozen_factor(k, info.task.lora.aggregation)}
+    result = privatize({k: v for k, v in start.items() if k not in frozen},
+                       {k: v for k, v in trained.items() if k not in frozen}, spec.clip_norm, spec.noise_multiplier)
     tmp = ledger_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ledger))
     tmp.replace(ledger_path)
@@ -37,7 +42,8 @@ def private_payload(ctx: Any, info: RoundInfo, start: dict[str, Any], trained: d
     epsilon = local_epsilon(spec.noise_multiplier, releases, spec.delta)
     block = {"epsilon": epsilon if epsilon != float("inf") else None, "delta": spec.delta, "releases": releases,
              "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier}
-    return UpdatePayload(arrays=result.arrays, num_samples=DECLARED_SAMPLES, metrics={"privacy": block})
+    arrays = {**{k: trained[k] for k in frozen}, **result.arrays}
+    return UpdatePayload(arrays=arrays, num_samples=DECLARED_SAMPLES, metrics={"privacy": block})
 
 
 class LoraSftHandler(TaskHandler):
