@@ -13,6 +13,24 @@ Per round:
   reaches `params.threshold`), and publishes the selection as `crosslm/selected.jsonl` for the
   devices' next round.
 
+With `params.synthesis = "samples"` the LLM writes whole samples instead of answers: the
+records of `params.prompt_data` are instructions (a prompt prefix per domain, e.g.
+"Translate to Velish:"; their responses unused), and per round the LLM continues each drawn
+instruction `samples_per_prompt` times (sampled, seeded by the round seed). A continuation
+must hold a generated input, the "\n" that ends a prompt, and an answer: x = instruction +
+input, y = the answer (cloud/training/synthesis.py). Malformed continuations are dropped and
+identical (x, y) kept once; the round reports `generated`, `well_formed`, `unique` and
+`selected`. A sample's group is its own x, so "best per prompt" picks among answers to one
+generated input (grouping by instruction would keep one sample per instruction and round);
+the threshold is the main filter. Scoring, selection and training are as for answers: the
+LLM learns from the selection with the loss on y only. The LLM must already be able to write
+task inputs (a language model trained on whole texts can; one tuned only with the loss on
+responses continues an instruction with an answer and no separator: `well_formed` stays 0).
+This is a reconstruction too: the paper has the LLM generate task inputs conditioned on a
+label for classification-style tasks, judged by the SLMs for task/domain fit; here the
+condition is a free-text instruction of a generative task and the judgement is the SLMs'
+p(y | x), weighted by their share of the sample's domain.
+
 Only text and scores cross the network, so device SLMs may differ in architecture and
 tokenizer; a device that brings no SLM uses the run's `slm` checkpoint (published as `slm/`).
 A device's SLM never leaves it: edge builds of it are made on the device.
@@ -20,12 +38,13 @@ A device's SLM never leaves it: edge builds of it are made on the device.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -39,6 +58,7 @@ from common.methods.crosslm import (
     LLM_ADAPTER,
     SCORE_TENSOR,
     SELECTED,
+    SYNTHESIS_REPORT,
     SYNTHETIC,
     WEIGHT_TENSOR,
     CrossLmDeviceParams,
@@ -56,11 +76,17 @@ class CrossLmParams(CrossLmDeviceParams, SlmJoinPolicy):
 
     model_config = ConfigDict(extra="forbid")
 
+    synthesis: Literal["answers", "samples"] = Field(
+        "answers", description="answers: the LLM answers pool prompts; samples: it writes inputs and answers "
+        "from the instructions in prompt_data")
     prompt_data: str | None = Field(
-        None, description="JSONL whose prompts the LLM answers (responses unused); default: aux_data")
-    prompts_per_domain: int = Field(16, ge=1, description="prompts drawn per domain each round")
-    samples_per_prompt: int = Field(4, ge=0, description="sampled answers per prompt, besides the greedy one")
-    include_greedy: bool = True
+        None, description="JSONL whose prompts the LLM answers (responses unused); default: aux_data. "
+        "With synthesis = samples (then required): its prompts are instructions, one prefix per domain")
+    prompts_per_domain: int = Field(16, ge=1, description="prompts (instructions) drawn per domain each round")
+    samples_per_prompt: int = Field(
+        4, ge=0, description="sampled answers per prompt, besides the greedy one (samples: continuations "
+        "per instruction, at least 1)")
+    include_greedy: bool = Field(True, description="answers: add each prompt's greedy answer (samples: unused)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(24, ge=1, le=512)
@@ -108,6 +134,13 @@ class CrossLm(SlmLoraStrategy):
             raise SpecError("crosslm devices upload per-sample scores, not weights; the local DP of `privacy` "
                             "(clip and noise a weight update) does not apply to them: remove `privacy`")
         check_llm(spec, cls.name, " to write synthetic data")
+        if params.synthesis == "samples":
+            if params.prompt_data is None:
+                raise SpecError("params.synthesis = 'samples' needs params.prompt_data: a JSONL whose prompts are "
+                                "the instructions the LLM writes samples from (e.g. 'Translate to Velish:')")
+            if params.samples_per_prompt < 1:
+                raise SpecError("params.synthesis = 'samples' needs params.samples_per_prompt >= 1: the "
+                                "continuations sampled per instruction")
         if params.prompt_data is None:
             check_jsonl(spec.aux_data, "aux_data (the prompts the LLM answers, unless params.prompt_data)", True)
         else:
@@ -124,7 +157,12 @@ class CrossLm(SlmLoraStrategy):
         from common.records import read_jsonl
 
         pool: dict[str, list] = defaultdict(list)
+        seen: set[tuple[str, str]] = set()
         for record in read_jsonl(Path(self.params.prompt_data or self.spec.aux_data)):
+            key = (record.domain or "", record.prompt)
+            if self.params.synthesis == "samples" and key in seen:
+                continue  # an instruction listed twice would only be drawn twice
+            seen.add(key)
             pool[record.domain or ""].append(record)
         return dict(sorted(pool.items()))
 
@@ -143,6 +181,8 @@ class CrossLm(SlmLoraStrategy):
         for records in self.prompt_pool.values():
             prompts.extend(rng.sample(records, min(self.params.prompts_per_domain, len(records))))
         p = self.params
+        if p.synthesis == "samples":
+            return self._generate_samples(llm, tokenizer, prompts, round_number)
         answers = sample_answers(llm, tokenizer, [r.prompt for r in prompts], p.samples_per_prompt,
                                  seed=self.round_seed(round_number), temperature=p.temperature, top_p=p.top_p,
                                  max_new_tokens=p.max_new_tokens, include_greedy=p.include_greedy)
@@ -150,6 +190,26 @@ class CrossLm(SlmLoraStrategy):
                    for g, (r, texts) in enumerate(zip(prompts, answers, strict=True)) for text in texts]
         digest = self.store.put_bytes(samples_to_bytes(samples))
         return digest, {"prompts": len(prompts), "samples": len(samples)}
+
+    def _generate_samples(
+        self, llm: Any, tokenizer: Any, instructions: list, round_number: int
+    ) -> tuple[str, dict[str, Any]]:
+        from cloud.training.synthesis import build_samples, sample_continuations
+
+        p = self.params
+        texts = sample_continuations(llm, tokenizer, [r.prompt for r in instructions], p.samples_per_prompt,
+                                     seed=self.round_seed(round_number), temperature=p.temperature, top_p=p.top_p,
+                                     max_new_tokens=p.max_new_tokens)
+        samples, stats = build_samples(instructions, texts)
+        return self.store.put_bytes(samples_to_bytes(samples)), {**stats, "samples": len(samples)}
+
+    def _publish_set(self, outputs: dict[str, str], llm: Any, tokenizer: Any, round_number: int) -> dict[str, Any]:
+        """Put the set for `round_number` into `outputs`; with samples, its counts too (server-only),
+        so that the round scoring it reports them."""
+        outputs[SYNTHETIC], stats = self._generate(llm, tokenizer, round_number)
+        if self.params.synthesis == "samples":
+            outputs[SYNTHESIS_REPORT] = self.store.put_bytes(json.dumps(stats, sort_keys=True).encode())
+        return stats
 
     def update_schema(self, inputs: dict[str, str]) -> Schema:
         # One float32 per sample of the set the round published, in every tensor of the upload.
@@ -163,7 +223,7 @@ class CrossLm(SlmLoraStrategy):
         inputs = publish_checkpoint(self.store, Path(self.spec.slm), SLM_PREFIX)
         inputs[LLM_ADAPTER] = self.fresh_adapter(self.spec.llm)
         llm, tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
-        inputs[SYNTHETIC], _ = self._generate(llm, tok, 1)
+        self._publish_set(inputs, llm, tok, 1)
         return inputs
 
     def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:
@@ -193,6 +253,9 @@ class CrossLm(SlmLoraStrategy):
             "samples": len(samples), "scored": len(scored), "selected": len(chosen), "threshold": p.threshold,
             "score_mean": sum(scored) / len(scored) if scored else None,
         }
+        if SYNTHESIS_REPORT in inputs:  # how this round's set was written: generated, well_formed, unique
+            report = json.loads(self.store.read_bytes(inputs[SYNTHESIS_REPORT]))
+            stats.update({k: report[k] for k in ("instructions", "generated", "well_formed", "unique")})
         weights = likelihood_weights(scores, p.weight_power)
         if p.llm_weighted_epochs > 0 and any(w > 0 for w in weights):
             stats["llm_weighted"] = train_lora_weighted(
@@ -200,11 +263,11 @@ class CrossLm(SlmLoraStrategy):
         if p.llm_sft_epochs > 0 and chosen:
             stats["llm_sft"] = train_lora(llm, tok, [records[i] for i in chosen],
                                           train.model_copy(update={"epochs": p.llm_sft_epochs}), seed=seed + 1)
-        outputs = {k: v for k, v in inputs.items() if k != SELECTED}
+        outputs = {k: v for k, v in inputs.items() if k not in (SELECTED, SYNTHESIS_REPORT)}
         outputs[LLM_ADAPTER] = self.holder.save_adapter(llm)
         if chosen:
             outputs[SELECTED] = self.store.put_bytes(samples_to_bytes(
                 [Sample(records[i], samples[i].group, scores[i]) for i in chosen]))
         if round_number < self.spec.rounds:  # the last round has no next one to write for
-            outputs[SYNTHETIC], stats["next"] = self._generate(llm, tok, round_number + 1)
+            stats["next"] = self._publish_set(outputs, llm, tok, round_number + 1)
         return StepResult(outputs, {"crosslm": stats, "llm": self.evaluate(self.spec.llm, outputs[LLM_ADAPTER])})

@@ -6,7 +6,9 @@ never leaves it, so devices make the edge builds.
 The samples' wire format lives here too: JSONL, one task record (`prompt`, `response`,
 optional `domain`) per line with optional `group` (the prompt it answers) and `score` (the
 devices' aggregated score). Line order is the sample index the score tensors follow. Unlike
-task data, a set may be empty (an LLM can fail to answer anything).
+task data, a set may be empty (an LLM can fail to answer anything). Whether the LLM answered
+pool prompts or wrote whole samples from instructions (`params.synthesis`), a sample is a
+task record, and a device scores it the same way.
 
 Upload: two float32 tensors of one value per synthetic sample, `weighted_score` (w * s) and
 `weight` (w), where s is the device's score and w its weight for the sample's domain; the
@@ -28,6 +30,9 @@ from common.records import TaskRecord
 
 SYNTHETIC = "crosslm/synthetic.jsonl"
 SELECTED = "crosslm/selected.jsonl"
+# Server-only, with params.synthesis = "samples": the counts of the synthetic set's making
+# (instructions, generated, well_formed, unique), kept for the metrics of the round scoring it.
+SYNTHESIS_REPORT = "crosslm/synthesis.json"
 LLM_ADAPTER = adapter_artifact(LLM_PREFIX)
 SCORE_TENSOR = "weighted_score"
 WEIGHT_TENSOR = "weight"

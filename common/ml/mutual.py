@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
 from common.ml.kd import kd_loss
 from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce, optimizer_step
 
@@ -31,9 +31,20 @@ class _Side:
         self.pad_id = _special_ids(tokenizer)[2]
         self.params: list[Any] = []
         self.optimizer: Any = None
+        self.no_ce: list[bool] | None = None  # per record: KL only (its response is no label)
 
     def batch(self, indices: Sequence[int]) -> dict[str, Any]:
         return collate([self.encoded[i] for i in indices], self.pad_id)
+
+    def ce_labels(self, labels: Any, indices: Sequence[int]) -> Any:
+        """The labels CE learns from: those of KL-only records masked out."""
+        if self.no_ce is None or not any(self.no_ce[i] for i in indices):
+            return labels
+        masked = labels.clone()
+        for row, i in enumerate(indices):
+            if self.no_ce[i]:
+                masked[row] = IGNORE_INDEX
+        return masked
 
 
 def _encode_all(tokenizer: Any, records: Sequence[TaskRecord], max_len: int) -> list[dict[str, list[int]] | None]:
@@ -46,7 +57,8 @@ def _encode_all(tokenizer: Any, records: Sequence[TaskRecord], max_len: int) -> 
 
 
 def _sides(
-    models: Sequence[tuple[str, Any, Any]], records: Sequence[TaskRecord], max_len: int
+    models: Sequence[tuple[str, Any, Any]], records: Sequence[TaskRecord], max_len: int,
+    kl_only: Sequence[bool] | None = None,
 ) -> tuple[list[_Side], list[TaskRecord]]:
     """Encode the records for every side; keep only records every side can train on."""
     import warnings
@@ -61,6 +73,9 @@ def _sides(
         _Side(name, model, tok, [enc[i] for i in keep])  # type: ignore[misc]
         for (name, model, tok), enc in zip(models, per_side, strict=True)
     ]
+    if kl_only is not None:
+        for side in sides:
+            side.no_ce = [bool(kl_only[i]) for i in keep]
     return sides, [records[i] for i in keep]
 
 
@@ -108,7 +123,9 @@ def _update(
             f"{student.name} and {teacher.name} share a tokenizer but their output layers differ "
             f"({logits.size(-1)} vs {target.size(-1)} ids); give both models the tokenizer's vocabulary size"
         )
-    ce = _response_ce(logits, s_batch["labels"])
+    ce_labels = student.ce_labels(s_batch["labels"], indices)
+    # A batch of KL-only records has no CE term (cross_entropy over no label would be NaN).
+    ce = _response_ce(logits, ce_labels) if bool((ce_labels != IGNORE_INDEX).any()) else logits.sum() * 0.0
     kd = kd_loss(logits[:, :-1], target, mask, spec.temperature, top_k)
     loss = optimizer_step(ce + spec.lambda_kd * kd, student.optimizer, student.params)
     student.model.eval()
@@ -210,13 +227,23 @@ def mutual_learning(
     max_len: int = 64,
     progress: bool | ProgressFn = False,
     token_map: str = "first_token",
+    kl_only: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Per batch, `first` learns from the frozen `second`, then `second` from the updated `first`.
 
     Each side's loss is CE(response) + lambda_kd * T^2 * KL(teacher || student) over the
     response positions; each has its own AdamW over its LoRA parameters. Report keys are
     prefixed "first_" and "second_".
+
+    `kl_only` (one flag per record) marks records whose response is no label, e.g. a model's
+    own answer to an unlabelled prompt: they add only the KL term, over their response
+    positions. With it the report also counts them, as "kl_only" (of the records kept).
     """
+    if kl_only is not None and len(kl_only) != len(records):
+        raise ValueError(f"kl_only has {len(kl_only)} flags for {len(records)} records")
     sides, kept = _sides([("first", first, first_tokenizer), ("second", second, second_tokenizer)],
-                         records, max_len)
-    return _run([(sides[0], sides[1]), (sides[1], sides[0])], kept, spec, seed, progress, "mutual", token_map)
+                         records, max_len, kl_only)
+    report = _run([(sides[0], sides[1]), (sides[1], sides[0])], kept, spec, seed, progress, "mutual", token_map)
+    if sides[0].no_ce is not None:
+        report["kl_only"] = sum(sides[0].no_ce)
+    return report

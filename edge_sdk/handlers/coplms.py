@@ -7,6 +7,12 @@ private data; Structure-Agnostic Mutual Learning (SAML) then lets them teach eac
 the output level (CE + alpha * KL each way). Only the proxy's adapter is uploaded; the SLM's
 adapter stays on the device. A device without its own SLM (no `--slm`) uses a private copy
 of the proxy's base as its SLM.
+
+When the run publishes an unlabelled prompt set (`coplms/saml_prompts.jsonl`, with
+`params.saml_data = "private+prompts"`), SAML also runs on those prompts: the SLM answers each
+greedily (up to SAML_ANSWER_TOKENS new tokens, after DST) and, on those records, both sides
+learn only the KL term over the answer positions (no CE: the answer is no label). The SAML
+report counts them as `prompts`.
 """
 
 from __future__ import annotations
@@ -15,9 +21,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.methods.coplms import CONTRACT, PROXY_PREFIX, CoPlmsDeviceParams
+from common.methods.coplms import (
+    CONTRACT,
+    PROXY_PREFIX,
+    SAML_ANSWER_TOKENS,
+    SAML_PROMPTS,
+    CoPlmsDeviceParams,
+    prompts_from_bytes,
+)
 from common.protocol import RoundInfo
-from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload
+from common.records import TaskRecord
+from edge_sdk.handlers.base import FinalArtifacts, UpdatePayload, artifact
 from edge_sdk.handlers.lora_sft import LoraSftHandler, private_payload
 from edge_sdk.handlers.own_slm import OwnSlm
 
@@ -34,6 +48,16 @@ class CoPlmsHandler(LoraSftHandler):
         """The device's own SLM with its latest private adapter (for local use and benchmarks)."""
         model, tokenizer = self.own.load(info.model_copy(update={"round": info.round + 1}))
         return model, tokenizer
+
+    def _prompt_records(self, info: RoundInfo, slm: Any, slm_tok: Any) -> list[TaskRecord]:
+        """The published unlabelled prompts with the SLM's greedy answers (empty answers dropped)."""
+        from common.ml.evaluate import generate_greedy
+
+        if not any(r.name == SAML_PROMPTS for r in info.artifacts):
+            return []
+        prompts = prompts_from_bytes(self.ctx.cache.fetch(artifact(info, SAML_PROMPTS)).read_bytes())
+        answers = generate_greedy(slm, slm_tok, prompts, SAML_ANSWER_TOKENS)
+        return [TaskRecord(p, a) for p, a in zip(prompts, answers, strict=True) if a]
 
     def run(self, info: RoundInfo) -> UpdatePayload:
         from common.ml.evaluate import evaluate
@@ -61,8 +85,16 @@ class CoPlmsHandler(LoraSftHandler):
             saml = DistillSpec(epochs=params.saml_epochs, lr=train.lr, batch_size=train.batch_size,
                                lambda_kd=params.alpha, temperature=params.temperature, top_k=params.top_k,
                                max_steps=train.max_steps)
-            report = mutual_learning(slm, slm_tok, proxy, proxy_tok, records, saml, seed=seed + 2,
-                                     max_len=train.max_len, progress=self.ctx.progress, token_map=params.token_map)
+            prompted = self._prompt_records(info, slm, slm_tok)
+            data, kl_only = list(records) + prompted, None
+            if prompted:
+                kl_only = [False] * len(records) + [True] * len(prompted)
+                self.ctx.say(f"SAML adds {len(prompted)} unlabelled prompts (KL only)")
+            report = mutual_learning(slm, slm_tok, proxy, proxy_tok, data, saml, seed=seed + 2,
+                                     max_len=train.max_len, progress=self.ctx.progress, token_map=params.token_map,
+                                     kl_only=kl_only)
+            if "kl_only" in report:
+                report["prompts"] = report.pop("kl_only")
             metrics["saml"] = {k.replace("first_", "slm_").replace("second_", "proxy_"): v for k, v in report.items()}
         self.own.save(info)
         if self.ctx.eval_records:
