@@ -1,353 +1,323 @@
-"""The co-tuning quality benchmark (`cotune bench quality`): every method on the same data,
-models and local budget, for several seeds; Rouge-L / EM of the device SLMs and of the LLM
-per round, bytes moved, wall time. Writes JSON, a markdown table and a PNG.
+"""The co-tuning quality benchmark (`cotune bench quality`): every method on the same world, models
+and local budget, for several world seeds x training seeds; the claims of the papers tested with
+paired bootstrap intervals. Writes cotuning.json, cotuning.md and cotuning.png.
 
-Methods (ARCHITECTURE.md, "Algorithms"):
-- zero-shot: the models as they arrive (the demo world's pretrained LLM and weak SLMs);
-- standalone / standalone-het: each device LoRA-tunes its SLM on its own data only
-  (the shared llama SLM / each device's own architecture);
-- fedavg, fedcollm: the shared llama SLM, through the strategies' real server steps and
-  the `lora_sft` device handler;
-- co-plms, crosslm: heterogeneous devices (llama / gpt2 / qwen2 SLMs), through the
-  strategies and the `coplms` / `crosslm` device handlers; both reconstructed from their
-  papers' abstracts (ARCHITECTURE.md, "Algorithms");
-- centralized: the LLM LoRA-tuned on the pooled client data (the upper reference), and
-  the shared SLM likewise.
-
-Every device trains `train.epochs` epochs per round on its private data whatever the
-method (Co-PLMs splits them between DST and SAML). Rounds run in process
-(benchmarks.inprocess); the REST path is what the tests cover. Seeds vary LoRA init, data
-order and sampling; the world (data, tokenizer, pretrained models) is the one of
-`world_seed`, since pretraining the LLM anew per seed would dominate the budget.
-
-SLM scores: each device's model on the global test split (every domain equally), mean over
-devices, also per domain; "local" is each device's model on its own held-out split (its
-own domain mix). LLM scores: the global test split.
+Protocol (ARCHITECTURE.md, "Quality benchmark"): settings come frozen from
+benchmarks/settings/<track>.json, chosen on the validation split (benchmarks.cotuning_tune);
+per-round curves are scored on validation; the test split is read once per reported run, after
+its last round. The runner asserts that count.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cotuning_world import HET, NUM_CLIENTS, BenchWorld, build_bench_world
-from common.cache import cache_root
+from benchmarks.cotuning_eval import Evaluator, Model
+from benchmarks.cotuning_methods import METHODS, Method, check_methods
+from benchmarks.worlds.base import AUX_MODES, World
 
-METHODS = ("zero-shot", "standalone", "standalone-het", "fedavg", "fedcollm", "co-plms", "crosslm", "centralized")
-STRATEGY_METHODS = {"fedavg", "fedcollm", "co-plms", "crosslm"}
-HETEROGENEOUS = {"standalone-het", "co-plms", "crosslm"}
-LORA = {"r": 16, "alpha": 32.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-TRAIN = {"epochs": 4.0, "lr": 5e-3, "batch_size": 16, "max_len": 48}
-# The LLM's LoRA is unstable at the SLMs' 5e-3 (checked: Rouge-L falls after a few epochs), so every
-# update of the LLM, in any method, uses this lower rate.
-DISTILL = {"epochs": 2.0, "lr": 2e-3, "batch_size": 16, "lambda_kd": 1.0, "temperature": 1.0}
+SETTINGS_DIR = Path(__file__).parent / "settings"
+TRACKS = ("synthetic", "real")
+
+
+def load_settings(track: str, path: Path | None = None) -> dict[str, Any]:
+    path = path or SETTINGS_DIR / f"{track}.json"
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no frozen settings at {path}: run `cotune bench quality --tune --track {track}` "
+                         "first (it searches them on the validation split)") from None
 
 
 @dataclass
 class QualityConfig:
     out_dir: Path
+    track: str = "synthetic"
+    aux: str = "paper"
+    world_seeds: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
-    rounds: int = 3
+    methods: tuple[str, ...] = tuple(METHODS)
+    settings: dict[str, Any] = field(default_factory=dict)  # empty: the track's frozen file
     scale: float = 1.0
-    methods: tuple[str, ...] = METHODS
-    world_seed: int = 0
     cache_dir: Path | None = None
     threads: int | None = None
-    # Scores are geometric-mean token probabilities under weak tiny SLMs: a probe on the prompt pool
-    # (not the test split) gave 80% exactly-right selections at 0.2 and next to none selected at 0.5.
-    crosslm_threshold: float = 0.2
     progress: bool = True
-    extra_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> RunSpec.params overrides
+    final_split: str = "test"  # "validation" while searching settings: the test split is never read then
+    curves: bool = False  # score validation after every round, not only the last (slower)
+    workers: int = 1  # worlds run in parallel processes
 
 
-class Evaluator:
-    """Scores models on the global test split and on each device's own held-out split."""
+def build_world(track: str, out_dir: Path, seed: int, scale: float, cache_dir: Path | None,
+                progress: bool) -> World:
+    if track == "synthetic":
+        from benchmarks.worlds.synthetic import build_synthetic_world
 
-    def __init__(self, world: BenchWorld, max_new_tokens: int = 24) -> None:
-        from common.records import read_jsonl
+        return build_synthetic_world(out_dir, seed=seed, scale=scale, cache_dir=cache_dir, progress=progress)
+    if track == "real":
+        from benchmarks.worlds.real import build_real_world
 
-        self.test = read_jsonl(world.test)
-        self.local = [read_jsonl(p) for p in world.client_tests]
-        self.max_new_tokens = max_new_tokens
-        self.seconds = 0.0  # time spent evaluating, kept out of the methods' wall time
-
-    def _eval(self, model: Any, tok: Any, records: list) -> dict[str, Any]:
-        from common.ml.evaluate import evaluate
-
-        started = time.perf_counter()
-        try:
-            return evaluate(model, tok, records, max_new_tokens=self.max_new_tokens)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def llm(self, model: Any, tok: Any) -> dict[str, Any]:
-        return self._eval(model, tok, self.test)
-
-    def slms(self, models: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
-        """`models`: one (model, tokenizer) per device, or a single one shared by all."""
-        shared = len(models) == 1
-        glob = [self._eval(*models[0], self.test)] if shared else [self._eval(m, t, self.test) for m, t in models]
-        local = [self._eval(*models[0 if shared else k], self.local[k]) for k in range(len(self.local))]
-        domains = sorted(glob[0]["per_domain"])
-        return {
-            "rougeL": statistics.fmean(g["rougeL"] for g in glob),
-            "em": statistics.fmean(g["em"] for g in glob),
-            "per_domain": {d: {m: statistics.fmean(g["per_domain"][d][m] for g in glob) for m in ("rougeL", "em")}
-                           for d in domains},
-            "local": {m: statistics.fmean(x[m] for x in local) for m in ("rougeL", "em")},
-            "devices": [{"rougeL": g["rougeL"], "em": g["em"]} for g in glob],
-        }
-
-
-# -- one method, one seed ----------------------------------------------------------------
-
-
-def _lora() -> Any:
-    from common.protocol import LoraSpec
-
-    return LoraSpec.model_validate(LORA)
-
-
-def _train(**changes: Any) -> Any:
-    from common.protocol import TrainSpec
-
-    return TrainSpec.model_validate({**TRAIN, **changes})
-
-
-def _records(world: BenchWorld) -> list[list]:
-    from common.records import read_jsonl
-
-    return [read_jsonl(p) for p in world.clients]
+        return build_real_world(out_dir, seed=seed, scale=scale, cache_dir=cache_dir, progress=progress)
+    raise ValueError(f"unknown track {track!r}; choose from {', '.join(TRACKS)}")
 
 
 def _round_seed(seed: int, number: int) -> int:
     return seed * 100_003 + number  # as the strategies do
 
 
-def zero_shot(world: BenchWorld, ev: Evaluator) -> dict[str, Any]:
-    from common.ml.checkpoint import load_checkpoint
+class Run:
+    """One method x world x training seed."""
 
-    shared = ev.slms([load_checkpoint(world.slm_dir)])
-    het = ev.slms([load_checkpoint(d) for d in world.het_slms])
-    return {"slm": shared, "slm_het": het, "llm": ev.llm(*load_checkpoint(world.llm_dir))}
+    def __init__(self, method: Method, world: World, ev: Evaluator, seed: int, cfg: QualityConfig,
+                 work: Path) -> None:
+        self.method, self.world, self.ev, self.seed, self.cfg, self.work = method, world, ev, seed, cfg, work
+        self.s = cfg.settings
+        self.rounds = int(self.s["rounds"])
 
+    # -- shared pieces ---------------------------------------------------------------------
 
-def run_standalone(world: BenchWorld, ev: Evaluator, seed: int, rounds: int, het: bool) -> list[dict[str, Any]]:
-    from common.ml.checkpoint import load_checkpoint
-    from common.ml.lora import attach_lora
-    from common.ml.train import train_lora
+    def lora(self) -> dict[str, Any]:
+        return {**self.s["lora"], **self.method.lora}
 
-    data = _records(world)
-    models = [load_checkpoint(world.het_slms[k] if het else world.slm_dir) for k in range(NUM_CLIENTS)]
-    # Initialised as the co-plms / crosslm devices initialise their own SLM's adapter.
-    models = [(attach_lora(m, _lora(), _round_seed(seed, 1)), tok) for m, tok in models]
-    out = []
-    for number in range(1, rounds + 1):
-        started = time.perf_counter()
-        for (model, tok), records in zip(models, data, strict=True):
-            train_lora(model, tok, records, _train(), seed=_round_seed(seed, number))
-        out.append({"round": number, "slm": ev.slms(models), "llm": None, "bytes_up": 0, "bytes_down": 0,
-                    "time_s": time.perf_counter() - started})
-    return out
+    def train(self, **changes: Any) -> Any:
+        from common.protocol import TrainSpec
 
+        return TrainSpec.model_validate({**self.s["train"], **changes})
 
-def run_centralized(world: BenchWorld, ev: Evaluator, seed: int, rounds: int) -> list[dict[str, Any]]:
-    from common.ml.checkpoint import load_checkpoint
-    from common.ml.lora import attach_lora
-    from common.ml.train import train_lora
+    def device_records(self) -> list[list]:
+        from common.records import read_jsonl
 
-    pooled = [r for records in _records(world) for r in records]
-    llm, llm_tok = load_checkpoint(world.llm_dir)
-    slm, slm_tok = load_checkpoint(world.slm_dir)
-    llm, slm = attach_lora(llm, _lora(), seed), attach_lora(slm, _lora(), seed)
-    out = []
-    for number in range(1, rounds + 1):
-        started = time.perf_counter()
-        train_lora(llm, llm_tok, pooled, _train(lr=DISTILL["lr"]), seed=_round_seed(seed, number))
-        train_lora(slm, slm_tok, pooled, _train(), seed=_round_seed(seed, number))
-        elapsed = time.perf_counter() - started
-        out.append({"round": number, "slm": ev.slms([(slm, slm_tok)]), "llm": ev.llm(llm, llm_tok),
-                    "bytes_up": 0, "bytes_down": 0, "time_s": elapsed})
-    return out
+        return [read_jsonl(p) for p in self.world.devices]
 
+    def aux_records(self) -> list:
+        from common.records import read_jsonl
 
-def _spec(method: str, world: BenchWorld, seed: int, rounds: int, cfg: QualityConfig) -> Any:
-    from common.protocol import RunSpec
+        return read_jsonl(self.world.aux[self.cfg.aux])
 
-    params: dict[str, Any] = {}
-    if method == "co-plms":
-        # The same local budget as the other methods: SAML's epoch comes out of DST's.
-        params = {"dst_epochs": TRAIN["epochs"] - 1.0, "saml_epochs": 1.0}
-    elif method == "crosslm":
-        params = {"prompt_data": str(world.prompt_pool), "prompts_per_domain": max(1, round(32 * cfg.scale)),
-                  "threshold": cfg.crosslm_threshold, "weight_power": 2.0}
-    params.update(cfg.extra_params.get(method, {}))
-    return RunSpec.model_validate({
-        "name": f"bench-{method}", "algorithm": method, "slm": str(world.slm_dir), "llm": str(world.llm_dir),
-        "rounds": rounds, "min_clients": NUM_CLIENTS, "aux_data": str(world.aux), "seed": seed,
-        "lora": LORA, "train": TRAIN, "distill": DISTILL, "params": params,
-    })
+    def score(self, number: int, slms: Sequence[Model], llm: Model | None) -> dict[str, Any]:
+        """Validation after the last round (with `curves`, after every round); the final split (test)
+        once, after the last round."""
+        last = number == self.rounds
+        out: dict[str, Any] = {}
+        if last or self.cfg.curves:
+            out["validation"] = {"slm": self.ev.slms(slms), "llm": self.ev.llm(llm) if llm else None}
+        split = self.cfg.final_split
+        if last and split != "validation":
+            out[split] = {"slm": self.ev.slms(slms, split), "llm": self.ev.llm(llm, split) if llm else None}
+        return out
 
+    # -- the kinds of method ---------------------------------------------------------------
 
-def _selection_quality(store: Any, outputs: dict[str, str], truth: dict[str, str]) -> dict[str, Any]:
-    """CrossLM only: how many selected / synthetic answers are exactly right (benchmark oracle)."""
-    from common.methods.crosslm import SELECTED, samples_from_bytes
-    from common.metrics import exact_match
+    def zero_shot(self) -> list[dict[str, Any]]:
+        from common.ml.checkpoint import load_checkpoint
 
-    if SELECTED not in outputs:
-        return {"selected": 0, "selected_correct": None}
-    chosen = samples_from_bytes(store.read_bytes(outputs[SELECTED]))
-    right = [exact_match(s.record.response, truth[s.record.prompt]) for s in chosen if s.record.prompt in truth]
-    return {"selected": len(chosen), "selected_correct": statistics.fmean(right) if right else None}
+        dirs = self.world.het_slms if self.method.het else [self.world.slm_dir]
+        self.rounds = 1
+        llm = load_checkpoint(self.world.llm_dir) if self.method.llm else None
+        return [{"round": 1, **self.score(1, [load_checkpoint(d) for d in dirs], llm)}]
 
+    def standalone(self) -> list[dict[str, Any]]:
+        from common.ml.checkpoint import load_checkpoint
+        from common.ml.lora import attach_lora
+        from common.protocol import LoraSpec
 
-def run_strategy(method: str, world: BenchWorld, ev: Evaluator, seed: int, rounds: int, cfg: QualityConfig,
-                 work: Path) -> list[dict[str, Any]]:
-    from benchmarks.inprocess import Device, RoundRecord, run_inprocess
-    from cloud.store import BlobStore
-    from cloud.strategies import ServedModel, strategy_class
-    from common.methods import coplms
+        spec = LoraSpec.model_validate({**self.lora(), "aggregation": "factors"})
+        dirs = self.world.het_slms if self.method.het else [self.world.slm_dir] * len(self.world.devices)
+        models = [(attach_lora(m, spec, _round_seed(self.seed, 1)), tok) for m, tok in map(load_checkpoint, dirs)]
+        return self._local_rounds(models, self.device_records(), llm=None)
 
-    spec = _spec(method, world, seed, rounds, cfg)
-    cls = strategy_class(method)
-    cls.check_spec(spec)
-    strategy = cls(spec, BlobStore(work / "store"))
-    data = _records(world)
-    het = method in HETEROGENEOUS
-    devices = [Device(f"device-{k}", data[k], work / f"device-{k}",
-                      local_slm=world.het_slms[k] if het else None) for k in range(NUM_CLIENTS)]
-    out: list[dict[str, Any]] = []
+    def centralized(self) -> list[dict[str, Any]]:
+        from common.ml.checkpoint import load_checkpoint
+        from common.ml.lora import attach_lora
+        from common.protocol import LoraSpec
 
-    def held(model: ServedModel) -> tuple[Any, Any]:
-        return strategy.holder.with_adapter(model.checkpoint, model.lora, model.seed, model.adapter_digest)
+        pooled = [r for records in self.device_records() for r in records]
+        aux = self.aux_records()
+        if all(r.response for r in aux):
+            pooled += aux
+        spec = LoraSpec.model_validate({**self.lora(), "aggregation": "factors"})
+        slm = [(attach_lora(m, spec, self.seed), tok) for m, tok in [load_checkpoint(self.world.slm_dir)]]
+        llm_model, llm_tok = load_checkpoint(self.world.llm_dir)
+        llm = (attach_lora(llm_model, spec, self.seed), llm_tok)
+        return self._local_rounds(slm, [pooled], llm=llm, llm_records=pooled)
 
-    def after_round(record: RoundRecord, devs: Sequence[Device]) -> None:
-        outputs = record.outputs
-        extra: dict[str, Any] = {}
-        shared = strategy.exportable_model(outputs)
-        if het or shared is None:
-            slm = ev.slms([d.handler.device_model(record.info) for d in devs])  # type: ignore[union-attr]
-        else:
-            slm = ev.slms([held(shared)])
-        served = strategy.llm_adapter(outputs)
-        llm = ev.llm(*held(served)) if served is not None else None
-        if method == "co-plms":
-            proxy = held(ServedModel(spec.slm, spec.lora, spec.seed, outputs[coplms.DPM_ADAPTER]))
-            extra["dpm"] = {k: v for k, v in ev.llm(*proxy).items() if k in ("rougeL", "em")}
-        if method == "crosslm":
-            stats = record.metrics.get("crosslm", {})
-            extra["crosslm"] = {**{k: stats.get(k) for k in ("samples", "selected", "score_mean")},
-                                **_selection_quality(strategy.store, outputs, world.truth)}
-        out.append({"round": record.round, "slm": slm, "llm": llm,
-                    "bytes_up": statistics.fmean(record.bytes_up), "bytes_down": statistics.fmean(record.bytes_down),
-                    "time_s": max(record.device_s) + record.server_s, "extra": extra})
+    def _local_rounds(self, slms: list[Model], data: list[list], llm: Model | None,
+                      llm_records: list | None = None) -> list[dict[str, Any]]:
+        from common.ml.train import train_lora
 
-    run_inprocess(strategy, devices, rounds, work, after_round=after_round)
-    return out
+        out = []
+        for number in range(1, self.rounds + 1):
+            started = time.perf_counter()
+            for (model, tok), records in zip(slms, data, strict=True):
+                train_lora(model, tok, records, self.train(), seed=_round_seed(self.seed, number))
+            if llm is not None:
+                train_lora(llm[0], llm[1], llm_records, self.train(lr=self.s["distill"]["lr"]),
+                           seed=_round_seed(self.seed, number))
+            elapsed = time.perf_counter() - started
+            out.append({"round": number, **self.score(number, slms, llm), "bytes_up": 0, "bytes_down": 0,
+                        "time_s": elapsed})
+        return out
 
+    def strategy(self) -> list[dict[str, Any]]:
+        from benchmarks.inprocess import Device, RoundRecord, run_inprocess
+        from cloud.store import BlobStore
+        from cloud.strategies import ServedModel, strategy_class
 
-# -- the whole benchmark -----------------------------------------------------------------
+        spec = self.spec()
+        cls = strategy_class(spec.algorithm)
+        cls.check_spec(spec)
+        strategy = cls(spec, BlobStore(self.work / "store"))
+        het = self.method.het
+        devices = [Device(f"device-{k}", records, self.work / f"device-{k}",
+                          local_slm=self.world.het_slms[k] if het else None)
+                   for k, records in enumerate(self.device_records())]
+        out: list[dict[str, Any]] = []
 
+        def held(model: ServedModel) -> Model:
+            return strategy.holder.with_adapter(model.checkpoint, model.lora, model.seed, model.adapter_digest)
 
-def _stat(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+        def after_round(record: RoundRecord, devs: Sequence[Device]) -> None:
+            shared = strategy.exportable_model(record.outputs)
+            own = het or shared is None
+            slms = [d.handler.device_model(record.info) for d in devs] if own else [held(shared)]  # type: ignore[union-attr]
+            served = strategy.llm_adapter(record.outputs)
+            llm = held(served) if served is not None and self.method.llm else None
+            metrics = record.metrics or {}
+            extra = {k: metrics[k] for k in ("aggregation", "crosslm", "distill") if k in metrics}
+            out.append({"round": record.round, **self.score(record.round, slms, llm),
+                        "bytes_up": sum(record.bytes_up) / len(record.bytes_up),
+                        "bytes_down": sum(record.bytes_down) / len(record.bytes_down),
+                        "time_s": max(record.device_s) + record.server_s, "extra": _jsonable(extra)})
 
+        run_inprocess(strategy, devices, self.rounds, self.work, after_round=after_round)
+        return out
 
-def summarize(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Final-round figures per method, mean and spread over seeds."""
-    summary: dict[str, Any] = {}
-    for method, by_seed in runs.items():
-        finals = [run["rounds"][-1] for run in by_seed.values()]
-        row: dict[str, Any] = {}
-        for key, pick in (("slm_rougeL", lambda r: r["slm"]["rougeL"]), ("slm_em", lambda r: r["slm"]["em"]),
-                          ("slm_local_rougeL", lambda r: r["slm"]["local"]["rougeL"]),
-                          ("slm_local_em", lambda r: r["slm"]["local"]["em"])):
-            row[key] = _stat([pick(r) for r in finals])
-        if all(r["llm"] is not None for r in finals):
-            row["llm_rougeL"] = _stat([r["llm"]["rougeL"] for r in finals])
-            row["llm_em"] = _stat([r["llm"]["em"] for r in finals])
-        row["per_domain_rougeL"] = {d: _stat([r["slm"]["per_domain"][d]["rougeL"] for r in finals])
-                                    for d in finals[0]["slm"]["per_domain"]}
-        rounds = [run["rounds"] for run in by_seed.values()]
-        row["bytes_up_per_round"] = _stat([statistics.fmean(r["bytes_up"] for r in rs[1:]) for rs in rounds])
-        row["bytes_down_first_round"] = _stat([rs[1]["bytes_down"] for rs in rounds])
-        later = [[r["bytes_down"] for r in rs[2:]] for rs in rounds]
-        row["bytes_down_later_rounds"] = _stat([statistics.fmean(x) if x else 0.0 for x in later])
-        row["wall_s"] = _stat([run["wall_s"] for run in by_seed.values()])
-        summary[method] = row
-    return summary
+    def spec(self) -> Any:
+        from common.protocol import RunSpec
 
+        m, s = self.method, self.s
+        params: dict[str, Any] = {}
+        if m.algorithm == "co-plms":
+            params = dict(s.get("coplms", {}))
+            if params.get("saml_data") == "private+prompts":
+                params["saml_prompts"] = str(self.world.prompt_pool)
+        elif m.algorithm == "crosslm":
+            params = dict(s.get("crosslm", {}))
+            samples = params.get("synthesis") == "samples"
+            params["prompt_data"] = str(self.world.instructions if samples else self.world.prompt_pool)
+        return RunSpec.model_validate({
+            "name": "bench-" + m.name.replace("+", "-plus-"), "algorithm": m.algorithm, "slm": str(self.world.slm_dir),
+            "llm": str(self.world.llm_dir), "rounds": self.rounds, "min_clients": len(self.world.devices),
+            "aux_data": str(self.world.aux[self.cfg.aux]), "seed": self.seed, "lora": self.lora(),
+            "train": s["train"], "distill": {**s["distill"], **m.distill}, "params": params,
+            "eval_max_new_tokens": self.world.max_new_tokens,
+        })
 
-def check_methods(methods: Sequence[str]) -> None:
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown or 'none given'}; choose from {', '.join(METHODS)}")
+    def run(self) -> list[dict[str, Any]]:
+        kinds: dict[str, Callable[[], list[dict[str, Any]]]] = {
+            "zero-shot": self.zero_shot, "standalone": self.standalone, "centralized": self.centralized,
+            "strategy": self.strategy}
+        return kinds[self.method.kind]()
 
 
-def run_quality_benchmark(cfg: QualityConfig, world: BenchWorld | None = None) -> dict[str, Any]:
-    """Run every method x seed; write cotuning.json, cotuning.md and cotuning.png under cfg.out_dir.
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
-    `world` replaces the demo-world setup (tests pass a tiny one).
+
+def applicable(method: Method, aux: str, world: World) -> bool:
+    """fedavg+aux needs answers in the auxiliary data; every other method runs in every mode."""
+    if not method.labelled_aux:
+        return True
+    from common.records import read_jsonl
+
+    return all(r.response for r in read_jsonl(world.aux[aux]))
+
+
+def run_world(cfg: QualityConfig, ws: int, world: World | None = None) -> tuple[int, World, dict[str, Any]]:
+    """Every method and training seed in the world of seed `ws`: (ws, world, method -> seed -> run)."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    say = print if cfg.progress else (lambda *_a, **_k: None)
+    out_dir = Path(cfg.out_dir)
+    world = world or build_world(cfg.track, out_dir / "worlds" / str(ws), ws, cfg.scale, cfg.cache_dir, cfg.progress)
+    ev = Evaluator(world)
+    runs: dict[str, dict[str, Any]] = {}
+    for name in cfg.methods:
+        method = METHODS[name]
+        if not applicable(method, cfg.aux, world):
+            say(f"{name}: skipped, the {cfg.aux!r} auxiliary data carries no answers")
+            continue
+        for seed in cfg.seeds if method.kind != "zero-shot" else cfg.seeds[:1]:
+            t0, eval0, reads0 = time.perf_counter(), ev.seconds, ev.test_reads
+            rounds = Run(method, world, ev, seed, cfg, out_dir / "runs" / f"{name}-w{ws}-s{seed}").run()
+            reads = ev.test_reads - reads0
+            if cfg.final_split == "test" and reads != (2 if method.llm else 1):
+                raise RuntimeError(f"{name}: the test split was read {reads} times")
+            wall = time.perf_counter() - t0 - (ev.seconds - eval0)
+            runs.setdefault(name, {})[str(seed)] = {"rounds": rounds, "wall_s": wall}
+            final = rounds[-1][cfg.final_split]
+            llm = f", LLM Rouge-L {100 * final['llm']['rougeL']:.1f}" if final["llm"] else ""
+            say(f"{name:>16} world {ws} seed {seed}: SLM Rouge-L {100 * final['slm']['rougeL']:.1f}{llm} "
+                f"({wall:.0f} s training, {time.perf_counter() - t0:.0f} s with evaluation)", flush=True)
+    return ws, world, runs
+
+
+def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = None) -> dict[str, Any]:
+    """Run every method x world seed x training seed; write the report under cfg.out_dir.
+
+    `worlds` replaces building the track's worlds (tests pass tiny ones).
     """
     import torch
 
+    from benchmarks.cotuning_claims import claims, summarize
     from benchmarks.cotuning_report import write_results
 
     check_methods(cfg.methods)
-    if not cfg.seeds or cfg.rounds < 1 or cfg.scale <= 0:
-        raise ValueError("need at least one seed, rounds >= 1 and scale > 0")
+    if cfg.aux not in AUX_MODES:
+        raise ValueError(f"unknown auxiliary mode {cfg.aux!r}; choose from {', '.join(AUX_MODES)}")
+    if not cfg.seeds or not cfg.world_seeds or cfg.scale <= 0:
+        raise ValueError("need at least one world seed and one training seed, and scale > 0")
+    cfg.settings = cfg.settings or load_settings(cfg.track)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rounds = max(1, round(cfg.rounds * cfg.scale)) if cfg.scale > 1 else cfg.rounds
-    cache = cfg.cache_dir or cache_root()
     say = print if cfg.progress else (lambda *_a, **_k: None)
-    if world is None:
-        say(f"preparing the benchmark world in {out_dir} (models cached in {cache})")
-        world = build_bench_world(out_dir / "world", seed=cfg.world_seed, scale=cfg.scale, cache_dir=cache,
-                                  progress=cfg.progress)
-    ev = Evaluator(world)
-    zs = zero_shot(world, ev)
-    runs: dict[str, dict[str, dict[str, Any]]] = {}
-    for method in cfg.methods:
-        runs[method] = {}
-        for seed in cfg.seeds:
-            t0, eval0 = time.perf_counter(), ev.seconds
-            start = {"round": 0, "slm": zs["slm_het" if method in HETEROGENEOUS else "slm"],
-                     "llm": zs["llm"] if method in ("zero-shot", "fedcollm", "co-plms", "crosslm", "centralized")
-                     else None, "bytes_up": 0, "bytes_down": 0, "time_s": 0.0}
-            if method == "zero-shot":
-                later = [{**start, "round": n} for n in range(1, rounds + 1)]
-            elif method in ("standalone", "standalone-het"):
-                later = run_standalone(world, ev, seed, rounds, het=method == "standalone-het")
-            elif method == "centralized":
-                later = run_centralized(world, ev, seed, rounds)
-            else:
-                later = run_strategy(method, world, ev, seed, rounds, cfg, out_dir / "runs" / f"{method}-s{seed}")
-            # Wall time of the method itself: evaluation by the benchmark is left out.
-            wall = time.perf_counter() - t0 - (ev.seconds - eval0) if method != "zero-shot" else 0.0
-            runs[method][str(seed)] = {"rounds": [start, *later], "wall_s": wall}
-            final = later[-1]
-            llm = f", LLM Rouge-L {100 * final['llm']['rougeL']:.1f}" if final["llm"] else ""
-            say(f"{method:>15} seed {seed}: SLM Rouge-L {100 * final['slm']['rougeL']:.1f}{llm} "
-                f"({wall:.0f} s training, {time.perf_counter() - t0:.0f} s with evaluation)")
+    runs: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in cfg.methods}
+    world_stats, built = {}, {}
+    given = worlds or {}
+    if cfg.workers > 1 and len(cfg.world_seeds) > 1:
+        # One process per world (spawned: torch is not fork-safe); each runs every method and seed of its world.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_world, [cfg] * len(cfg.world_seeds), cfg.world_seeds,
+                                 [given.get(ws) for ws in cfg.world_seeds]))
+    else:
+        done = [run_world(cfg, ws, given.get(ws)) for ws in cfg.world_seeds]
+    for ws, world, by_method in done:
+        world_stats[str(ws)], built[str(ws)] = world.stats, world
+        for name, by_seed in by_method.items():
+            runs[name][str(ws)] = by_seed
+    runs = {m: r for m, r in runs.items() if r}
     results = {
-        "config": {"seeds": list(cfg.seeds), "rounds": rounds, "scale": cfg.scale, "world_seed": cfg.world_seed,
-                   "methods": list(cfg.methods), "lora": LORA, "train": TRAIN, "distill": DISTILL,
-                   "crosslm_threshold": cfg.crosslm_threshold, "extra_params": cfg.extra_params,
-                   "heterogeneous_slms": [f"{a}-{s}" for a, s in HET], "threads": torch.get_num_threads()},
-        "world": world.stats,
+        "config": {"track": cfg.track, "aux": cfg.aux, "world_seeds": list(cfg.world_seeds), "workers": cfg.workers,
+                   "seeds": list(cfg.seeds), "methods": list(runs), "scale": cfg.scale,
+                   "settings": cfg.settings, "final_split": cfg.final_split, "threads": torch.get_num_threads()},
+        "worlds": world_stats,
         "runs": runs,
-        "summary": summarize(runs),
+        "summary": summarize(runs, cfg.final_split),
         "total_wall_s": time.perf_counter() - started,
     }
+    if cfg.final_split == "test":
+        results["claims"] = claims(runs, built)
     say(write_results(results, out_dir))
     return results

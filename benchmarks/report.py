@@ -140,13 +140,15 @@ def write_report(
     color_key: str | None = None,
     meta: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    top: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write <name>.json, <name>.md and (with panels) <name>.png under out_dir; return their paths."""
+    """Write <name>.json, <name>.md and (with panels) <name>.png under out_dir; return their paths.
+    `top` adds keys at the JSON's top level, for what other tools read."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     payload = {"benchmark": name, "title": title, "created_at": stamp, "machine": machine_info(),
-               "meta": meta or {}, "notes": list(notes), "rows": list(rows)}
+               **(top or {}), "meta": meta or {}, "notes": list(notes), "rows": list(rows)}
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
     paths["json"].write_text(json.dumps(_jsonable(payload), indent=2))
     md = [f"# {title}", "", f"{stamp}, {payload['machine'].get('cpu', platform.machine())}, "

@@ -122,3 +122,33 @@ def test_mutual_distillation_refuses_different_vocabularies(setup) -> None:
     slm = attach_lora(build_tiny_model("llama", "tiny", VOCAB), LoraSpec(r=2), seed=0)
     with pytest.raises(ValueError, match="vocabularies differ"):
         mutual_distillation(llm, slm, tokenizer, suite.aux, DistillSpec(max_steps=1), seed=0)
+
+
+def test_one_way_distillation_teaches_the_slm_and_leaves_the_llm_alone(setup) -> None:
+    suite, tokenizer = setup
+    llm = attach_lora(build_tiny_model("llama", "small", VOCAB, seed=1), LoraSpec(r=4), seed=0)
+    slm = attach_lora(build_tiny_model("llama", "tiny", VOCAB, seed=2), LoraSpec(r=4), seed=0)
+    before = {"llm": _snapshot(llm), "slm": _snapshot(slm)}
+    spec = DistillSpec(batch_size=8, lr=1e-2, max_steps=2, direction="llm_to_slm")
+    report = mutual_distillation(llm, slm, tokenizer, suite.aux, spec, seed=0)
+    assert report["steps"] == 2 and "llm_loss_first" not in report
+    assert all(torch.equal(before["llm"][n], p) for n, p in llm.named_parameters())
+    assert any(not torch.equal(before["slm"][n], p) for n, p in slm.named_parameters() if "lora_B" in n)
+
+
+def test_prompts_without_answers_are_answered_by_the_given_model(setup) -> None:
+    from dataclasses import replace
+
+    from cloud.training.pseudo_labels import label_with, unlabelled
+    from common.ml.evaluate import generate_greedy
+
+    suite, tokenizer = setup
+    model = build_tiny_model("llama", "tiny", VOCAB, seed=3)
+    records = [replace(r, response="") for r in suite.aux[:6]] + suite.aux[6:8]
+    assert unlabelled(records) == list(range(6))
+    labelled = label_with(model, tokenizer, records, max_new_tokens=4)
+    answers = generate_greedy(model, tokenizer, [r.prompt for r in records[:6]], 4)
+    # Answered records carry the model's own greedy answer (empty answers are left out); labelled ones stay.
+    assert [r.response for r in labelled[:-2]] == [a for a in answers if a]
+    assert labelled[-2:] == suite.aux[6:8]
+    assert not unlabelled(labelled)

@@ -11,6 +11,16 @@ from its abstract (ARCHITECTURE.md, "Methods"): structure-agnostic co-tuning thr
   data, and broadcasts the proxy's adapter (`dpm/`).
 - A device's own SLM never leaves it: edge builds of it are made on the device.
 
+SAML data (`params.saml_data`): "private" (the default) runs mutual learning on the device's
+private records only. "private+prompts" adds an unlabelled in-domain prompt set,
+`params.saml_prompts` (a task JSONL whose responses are ignored), published once as
+`coplms/saml_prompts.jsonl`. On an unlabelled prompt there is no response to learn from, so
+the device lets its SLM answer it greedily (up to 16 new tokens, after DST) and both models
+learn only the KL term on those answer positions, no CE: each matches the other's
+distribution where the SLM would speak, and neither is taught the SLM's answer as a label.
+This is a reconstruction: the paper's SAML exchanges knowledge on the device's data; the
+prompt set widens where the two models must agree, at the cost of one greedy pass.
+
 Tokenizers: server-side distillation is token-level, so the LLM and the proxy must share a
 tokenizer. A device SLM with another tokenizer is taken when `params.vocab_alignment` is on
 (the default): its device maps distributions across vocabularies (common.ml.vocab_align);
@@ -22,7 +32,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -32,7 +42,15 @@ from cloud.strategies.device_slm import SlmJoinPolicy, check_device_slm
 from cloud.strategies.slm_lora import SlmLoraStrategy, check_jsonl, check_llm, same_tokenizer
 from common.checkpoint import read_config, tokenizer_digest
 from common.methods import coplms
-from common.methods.coplms import DPM_ADAPTER, INIT_REPORT, LLM_ADAPTER, PROXY_PREFIX, CoPlmsDeviceParams
+from common.methods.coplms import (
+    DPM_ADAPTER,
+    INIT_REPORT,
+    LLM_ADAPTER,
+    PROXY_PREFIX,
+    SAML_PROMPTS,
+    CoPlmsDeviceParams,
+    prompts_to_bytes,
+)
 from common.protocol import ClientRegistration, RunSpec
 
 
@@ -45,6 +63,10 @@ class CoPlmsParams(CoPlmsDeviceParams, SlmJoinPolicy):
         True, description="take device SLMs whose tokenizer differs from the proxy's (mapped on the device)")
     init_distill_epochs: float = Field(
         1.0, ge=0, description="epochs distilling the LLM into the proxy's adapter at run creation (0: none)")
+    saml_data: Literal["private", "private+prompts"] = Field(
+        "private", description="SAML on the private records, or on them plus the unlabelled saml_prompts")
+    saml_prompts: str | None = Field(
+        None, description="with saml_data = private+prompts: JSONL of in-domain prompts (responses ignored)")
 
 
 class CoPlms(SlmLoraStrategy):
@@ -60,6 +82,17 @@ class CoPlms(SlmLoraStrategy):
             raise SpecError("co-plms: params.dst_epochs and params.saml_epochs are both 0; devices would not train")
         check_llm(spec, cls.name)
         check_jsonl(spec.aux_data, "aux_data", required=True)
+        if params.saml_data == "private+prompts":
+            if params.saml_prompts is None:
+                raise SpecError("co-plms: params.saml_data = 'private+prompts' needs params.saml_prompts, the path "
+                                "of a JSONL of in-domain prompts (their responses are ignored)")
+            if params.saml_epochs == 0:
+                raise SpecError("co-plms: params.saml_data = 'private+prompts' needs params.saml_epochs > 0; "
+                                "the prompts are only used by SAML")
+            check_jsonl(params.saml_prompts, "params.saml_prompts", required=True)
+        elif params.saml_prompts is not None:
+            raise SpecError("co-plms: params.saml_prompts is only used with params.saml_data = 'private+prompts'; "
+                            "set that too, or remove params.saml_prompts")
         if not same_tokenizer(spec.llm, spec.slm):
             raise SpecError(
                 "co-plms distils between the LLM and the proxy model (`slm`) token by token on the server, "
@@ -105,11 +138,17 @@ class CoPlms(SlmLoraStrategy):
             proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, proxy_start)
             llm, llm_tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
             spec = self.spec.distill.model_copy(update={"epochs": self.params.init_distill_epochs})
-            report.update(distill_into(proxy, tok, llm, llm_tok, self.aux_records, spec, seed=self.spec.seed))
+            records = self.aux_answered_by(llm, llm_tok)  # the teacher answers prompts that carry none
+            report.update(distill_into(proxy, tok, llm, llm_tok, records, spec, seed=self.spec.seed))
             inputs[DPM_ADAPTER] = self.holder.save_adapter(proxy)
         else:
             inputs[DPM_ADAPTER] = proxy_start
         inputs[INIT_REPORT] = self.store.put_bytes(json.dumps(report, sort_keys=True).encode())
+        if self.params.saml_data == "private+prompts":
+            from common.records import read_jsonl
+
+            records = read_jsonl(Path(self.params.saml_prompts or ""))
+            inputs[SAML_PROMPTS] = self.store.put_bytes(prompts_to_bytes([(r.prompt, r.domain) for r in records]))
         return inputs
 
     def initial_metrics(self, inputs: dict[str, str]) -> dict[str, Any]:
@@ -126,7 +165,8 @@ class CoPlms(SlmLoraStrategy):
 
         proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)
         llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
-        report = mutual_distillation(llm, proxy, tok, self.aux_records, self.spec.distill,
+        # Prompts without answers: distil along the averaged proxy's own answers (the devices' side).
+        report = mutual_distillation(llm, proxy, tok, self.aux_answered_by(proxy, tok), self.spec.distill,
                                      seed=self.round_seed(round_number))
         proxy_digest = self.holder.save_adapter(proxy)
         llm_digest = self.holder.save_adapter(llm)

@@ -1,6 +1,7 @@
 """FedCoLLM (Fan et al., arXiv 2411.11707): FedAvg on the SLM adapter, then mutual
 knowledge distillation between the server's LLM (with its own LoRA) and the aggregated
 SLM on the auxiliary public data; the distilled SLM adapter goes back to the devices.
+Auxiliary records without answers are answered by the aggregated SLM first (cloud/training/pseudo_labels.py).
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ class FedCoLLM(FedAvg):
 
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
         from cloud.training.distill import mutual_distillation
+        from cloud.training.pseudo_labels import unlabelled
 
         seed = self.round_seed(round_number)
         slm, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)
         llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[fedcollm.LLM_ADAPTER])
-        report = mutual_distillation(llm, slm, tok, self.aux_records, self.spec.distill, seed=seed)
+        # Prompts without answers: distil along the aggregated SLM's own answers.
+        records = self.aux_answered_by(slm, tok)
+        report = mutual_distillation(llm, slm, tok, records, self.spec.distill, seed=seed)
+        report["pseudo_labelled"] = len(unlabelled(self.aux_records))
         slm_digest = self.holder.save_adapter(slm)
         llm_digest = self.holder.save_adapter(llm)
         outputs = {**inputs, fedcollm.SLM_ADAPTER: slm_digest, fedcollm.LLM_ADAPTER: llm_digest}

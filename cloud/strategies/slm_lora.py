@@ -74,6 +74,13 @@ class SlmLoraStrategy(Strategy):
 
         return read_jsonl(Path(self.spec.aux_data))
 
+    def aux_answered_by(self, model: Any, tokenizer: Any) -> list:
+        """The auxiliary records, those without an answer answered by `model` (greedy): with prompts-only
+        auxiliary data, distillation runs along that model's own answers (cloud/training/pseudo_labels.py)."""
+        from cloud.training.pseudo_labels import label_with
+
+        return label_with(model, tokenizer, self.aux_records, self.spec.eval_max_new_tokens)
+
     def evaluate(self, ckpt_dir: str, adapter_digest: str) -> dict[str, Any]:
         if not self.eval_records:
             return {}

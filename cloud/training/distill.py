@@ -37,7 +37,8 @@ def mutual_distillation(
     LoRA parameters only; base weights never change. Both models are peft models sharing
     `tokenizer`. Returns step count, sample count, seconds and per side
     ("slm_"/"llm_") loss_first, loss_last, loss_mean, ce_mean, kd_mean. A callable
-    `progress` gets (step, total, SLM loss).
+    `progress` gets (step, total, SLM loss). With `spec.direction` "llm_to_slm" step (b) is skipped:
+    the LLM only teaches and its adapter does not change.
     """
     import torch
 
@@ -88,7 +89,8 @@ def mutual_distillation(
             for step, examples_batch in enumerate(batches):
                 batch = collate(examples_batch, pad_id)
                 update(slm, llm, slm_params, opt_slm, "slm", batch)  # (a) LLM teaches SLM
-                update(llm, slm, llm_params, opt_llm, "llm", batch)  # (b) SLM teaches LLM
+                if spec.direction == "mutual":
+                    update(llm, slm, llm_params, opt_llm, "llm", batch)  # (b) SLM teaches LLM
                 bar.update(step + 1, history["slm_loss"][-1])
         finally:
             bar.close()
@@ -100,6 +102,6 @@ def mutual_distillation(
         "num_samples": len(examples),
         "seconds": time.perf_counter() - started,
     }
-    for side in ("slm", "llm"):
+    for side in ("slm", "llm") if spec.direction == "mutual" else ("slm",):
         report.update(loss_report(history, side))
     return report

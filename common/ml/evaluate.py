@@ -92,3 +92,45 @@ def evaluate(
 
     preds = generate_greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens)
     return score(preds, [r.response for r in records], [r.domain for r in records])
+
+
+
+def response_nll(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_len: int = 64,
+                 batch_size: int = 32) -> list[tuple[float, int]]:
+    """Per record: the summed next-token loss over its response tokens (EOS included) and their count."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.ml.batching import IGNORE_INDEX, collate, encode_sft
+
+    examples = encode_sft(tokenizer, records, max_len)
+    if len(examples) != len(records):
+        raise ValueError(f"{len(records) - len(examples)} records do not fit max_len={max_len}")
+    _, _, pad = _special_ids(tokenizer)
+    out: list[tuple[float, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad)
+            with torch.inference_mode():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+            mask = labels != IGNORE_INDEX
+            out += [(float(loss[row][mask[row]].sum()), int(mask[row].sum())) for row in range(labels.size(0))]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def perplexity(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_len: int = 64) -> float:
+    """exp of the mean next-token loss over every record's response tokens: how well the model
+    predicts text of a kind, e.g. general text before and after tuning."""
+    import math
+
+    per_record = response_nll(model, tokenizer, records, max_len)
+    if not per_record:
+        raise ValueError("no records to measure perplexity on")
+    return math.exp(sum(n for n, _ in per_record) / sum(c for _, c in per_record))

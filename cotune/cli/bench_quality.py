@@ -1,6 +1,7 @@
-"""`cotune bench quality`: the co-tuning quality benchmark (benchmarks/cotuning.py).
+"""`cotune bench quality`: the co-tuning quality benchmark (benchmarks/cotuning.py), and with
+`--tune` the search of its settings on the validation split (benchmarks/cotuning_tune.py).
 
-A typer command function; cotune/cli.py registers it under `bench`.
+A typer command function; cotune/cli/main.py registers it under `bench`.
 """
 
 from __future__ import annotations
@@ -10,31 +11,65 @@ from typing import Annotated
 
 import typer
 
-_METHODS = "zero-shot,standalone,standalone-het,fedavg,fedcollm,co-plms,crosslm,centralized"
+_TRACKS = ("synthetic", "real")
+_AUX = ("paper", "prompts", "public-only")
+
+
+def _methods_help() -> str:
+    from benchmarks.cotuning_methods import METHODS
+
+    return ",".join(METHODS)
 
 
 def bench_quality(
     out: Annotated[Path, typer.Option(help="results folder: cotuning.json, .md, .png")] = Path("results/quality"),
-    seeds: Annotated[int, typer.Option(help="number of seeds (0 .. n-1)", min=1)] = 3,
-    rounds: Annotated[int, typer.Option(help="co-tuning rounds per run", min=1)] = 3,
-    scale: Annotated[float, typer.Option(
-        help="multiply records per device, test size, CrossLM prompts and rounds (1 fits 2 CPU cores in "
-             "about 30 min; 2-3 for a bigger server)", min=0.1)] = 1.0,
-    methods: Annotated[str, typer.Option(help=f"comma-separated subset of {_METHODS}")] = _METHODS,
-    world_seed: Annotated[int, typer.Option(help="seed of the data and the pretrained tiny models")] = 0,
-    crosslm_threshold: Annotated[float, typer.Option(
-        help="CrossLM selection threshold on the devices' mean score (0..1)", min=0.0, max=1.0)] = 0.2,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default 1: a shared box stalls "
-                                                     "with more)")] = 1,
+    track: Annotated[str, typer.Option(help="synthetic (tiny models, invented languages) or real "
+                                            "(Gemma 3 270M, SmolLM2, pycountry names)")] = "synthetic",
+    aux: Annotated[str, typer.Option(help="the server's auxiliary data: paper (a labelled fifth of the task), "
+                                          "prompts (in-domain prompts, no answers), public-only (stress test)")
+                   ] = "paper",
+    world_seed: Annotated[list[int] | None, typer.Option(
+        help="world seeds (data and pretrained models); repeat for several; default 0 1 2")] = None,
+    seeds: Annotated[int, typer.Option(help="training seeds per world (0 .. n-1)", min=1)] = 3,
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the methods (default: all)")] = None,
+    scale: Annotated[float, typer.Option(help="multiply data sizes (1 fits 2 CPU cores; more for bigger machines)",
+                                         min=0.1)] = 1.0,
+    settings: Annotated[Path | None, typer.Option(
+        help="frozen settings file (default benchmarks/settings/<track>.json)")] = None,
+    tune: Annotated[bool, typer.Option(help="search the settings on the validation split and freeze them "
+                                            "(never reads the test split)")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    workers: Annotated[int, typer.Option(help="worlds run in parallel processes (one core each)", min=1)] = 1,
+    curves: Annotated[bool, typer.Option(help="score validation after every round (per-round curves), not "
+                                              "only after the last")] = False,
 ) -> None:
-    """Quality of every co-tuning method on the same data, models and budget, over seeds."""
-    from benchmarks.cotuning import QualityConfig, check_methods, run_quality_benchmark
+    """Quality of every co-tuning method and the papers' claims, with paired bootstrap intervals."""
+    from benchmarks.cotuning import QualityConfig, load_settings, run_quality_benchmark
+    from benchmarks.cotuning_methods import check_methods
 
-    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if track not in _TRACKS:
+        raise typer.BadParameter(f"choose one of {', '.join(_TRACKS)}", param_hint="--track")
+    if aux not in _AUX:
+        raise typer.BadParameter(f"choose one of {', '.join(_AUX)}", param_hint="--aux")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if tune:
+        from benchmarks.cotuning_tune import tune as run_tune
+
+        run_tune(track, out / "tune", scale=scale, write_to=settings)
+        return
+    chosen = tuple(m.strip() for m in (methods or _methods_help()).split(",") if m.strip())
     try:
         check_methods(chosen)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--methods") from None
-    run_quality_benchmark(QualityConfig(out_dir=out, seeds=tuple(range(seeds)), rounds=rounds, scale=scale,
-                                        methods=chosen, world_seed=world_seed, threads=threads,
-                                        crosslm_threshold=crosslm_threshold))
+    try:
+        frozen = load_settings(track, settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--settings") from None
+    run_quality_benchmark(QualityConfig(out_dir=out, track=track, aux=aux,
+                                        world_seeds=tuple(world_seed or (0, 1, 2)), seeds=tuple(range(seeds)),
+                                        methods=chosen, scale=scale, settings=frozen, threads=threads,
+                                        curves=curves, workers=workers))

@@ -1,0 +1,56 @@
+"""The quality benchmark's methods, declared as data: what each one runs and what it reports
+(ARCHITECTURE.md, "Quality benchmark").
+
+Strategy methods run the coordinator's strategies and the devices' handlers in process
+(benchmarks.inprocess); the rest are references the runner trains directly:
+- zero-shot: the models as they arrive;
+- standalone / standalone-het: each device LoRA-tunes its SLM on its own data only (the shared
+  SLM / each device's own SLM);
+- centralized: the LLM and the shared SLM LoRA-tuned on every labelled training record (the
+  devices' data and a labelled auxiliary set), the upper reference.
+Ablations that isolate co-tuning's share:
+- fedavg+aux: FedCoLLM with lambda_kd = 0, so the SLM is FedAvg + fine-tuning on the auxiliary
+  data and the LLM is fine-tuned on the auxiliary data alone (`llm-aux-only`);
+- fedcollm-oneway: FedCoLLM with a frozen LLM that only teaches the SLM.
+FedAvg also runs with each exact LoRA aggregation (FFA-LoRA, SVD re-factorisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "zero-shot" | "standalone" | "centralized" | "strategy"
+    algorithm: str | None = None
+    het: bool = False  # devices run their own SLMs
+    llm: bool = False  # the method has an LLM to score
+    lora: dict[str, Any] = field(default_factory=dict)  # overrides of the frozen settings
+    distill: dict[str, Any] = field(default_factory=dict)
+    labelled_aux: bool = False  # only meaningful when the auxiliary data carries answers
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("zero-shot", "zero-shot", llm=True),
+    Method("zero-shot-het", "zero-shot", het=True),
+    Method("standalone", "standalone"),
+    Method("standalone-het", "standalone", het=True),
+    Method("fedavg", "strategy", "fedavg", lora={"aggregation": "factors"}),
+    Method("fedavg-ffa", "strategy", "fedavg", lora={"aggregation": "ffa"}),
+    Method("fedavg-svd", "strategy", "fedavg", lora={"aggregation": "svd"}),
+    Method("fedcollm", "strategy", "fedcollm", llm=True),
+    Method("fedavg+aux", "strategy", "fedcollm", llm=True, distill={"lambda_kd": 0.0}, labelled_aux=True),
+    Method("fedcollm-oneway", "strategy", "fedcollm", distill={"direction": "llm_to_slm"}),
+    Method("co-plms", "strategy", "co-plms", het=True, llm=True),
+    Method("crosslm", "strategy", "crosslm", het=True, llm=True),
+    Method("centralized", "centralized", llm=True),
+)}
+
+
+def check_methods(names: tuple[str, ...] | list[str]) -> None:
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise ValueError(f"unknown methods {unknown or 'none given'}; choose from {', '.join(METHODS)}")
