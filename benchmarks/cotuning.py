@@ -11,6 +11,7 @@ its last round. The runner asserts that count.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,44 @@ def applicable(method: Method, aux: str, world: World) -> bool:
     return all(r.response for r in read_jsonl(world.aux[aux]))
 
 
+# The settings each kind of method depends on: a finished run is reused only while these are unchanged.
+_DEPENDS = {"zero-shot": ("rounds",), "standalone": ("rounds", "lora", "train"),
+            "centralized": ("rounds", "lora", "train", "distill.lr")}
+_STRATEGY_DEPENDS = {"fedavg": ("rounds", "lora", "train"), "fedcollm": ("rounds", "lora", "train", "distill"),
+                     "co-plms": ("rounds", "lora", "train", "distill", "coplms"),
+                     "crosslm": ("rounds", "lora", "train", "distill", "crosslm")}
+
+
+def run_key(method: Method, cfg: QualityConfig, ws: int, seed: int) -> str:
+    """What a run's result depends on, hashed: method, world, seed, split, aux mode, the settings it reads."""
+    import hashlib
+
+    depends = _DEPENDS.get(method.kind) or _STRATEGY_DEPENDS[method.algorithm or ""]
+    picked = {}
+    for path in depends:
+        section, _, key = path.partition(".")
+        value = cfg.settings.get(section)
+        picked[path] = value.get(key) if key and isinstance(value, dict) else value
+    payload = {"method": method.name, "track": cfg.track, "aux": cfg.aux, "world": ws, "seed": seed,
+               "scale": cfg.scale, "split": cfg.final_split, "curves": cfg.curves, "settings": picked}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished(work: Path, key: str) -> dict[str, Any] | None:
+    path = work / "result.json"
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    return kept["run"] if kept.get("key") == key else None
+
+
+def _keep(work: Path, key: str, run: dict[str, Any]) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / "result.json.tmp"
+    tmp.write_text(json.dumps({"key": key, "run": run}), encoding="utf-8")
+    tmp.replace(work / "result.json")  # a crash never leaves half a result
+
+
 def run_world(cfg: QualityConfig, ws: int, world: World | None = None) -> tuple[int, World, dict[str, Any]]:
     """Every method and training seed in the world of seed `ws`: (ws, world, method -> seed -> run)."""
     import torch
@@ -254,13 +293,22 @@ def run_world(cfg: QualityConfig, ws: int, world: World | None = None) -> tuple[
             say(f"{name}: skipped, the {cfg.aux!r} auxiliary data carries no answers")
             continue
         for seed in cfg.seeds if method.kind != "zero-shot" else cfg.seeds[:1]:
+            work = out_dir / "runs" / f"{name}-w{ws}-s{seed}"
+            key = run_key(method, cfg, ws, seed)
+            done = _finished(work, key)
+            if done is not None:  # finished before (an interrupted benchmark resumes here)
+                runs.setdefault(name, {})[str(seed)] = done
+                say(f"{name:>16} world {ws} seed {seed}: kept from {work}", flush=True)
+                continue
+            shutil.rmtree(work, ignore_errors=True)  # what an interrupted attempt left
             t0, eval0, reads0 = time.perf_counter(), ev.seconds, ev.test_reads
-            rounds = Run(method, world, ev, seed, cfg, out_dir / "runs" / f"{name}-w{ws}-s{seed}").run()
+            rounds = Run(method, world, ev, seed, cfg, work).run()
             reads = ev.test_reads - reads0
             if cfg.final_split == "test" and reads != (2 if method.llm else 1):
                 raise RuntimeError(f"{name}: the test split was read {reads} times")
             wall = time.perf_counter() - t0 - (ev.seconds - eval0)
             runs.setdefault(name, {})[str(seed)] = {"rounds": rounds, "wall_s": wall}
+            _keep(work, key, runs[name][str(seed)])
             final = rounds[-1][cfg.final_split]
             llm = f", LLM Rouge-L {100 * final['llm']['rougeL']:.1f}" if final["llm"] else ""
             say(f"{name:>16} world {ws} seed {seed}: SLM Rouge-L {100 * final['slm']['rougeL']:.1f}{llm} "
