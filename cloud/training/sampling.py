@@ -6,7 +6,7 @@ give the devices' scores something to choose between.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from common.ml.batching import _special_ids
@@ -30,7 +30,6 @@ def sample_answers(
     Answers are cut at the first newline and stripped, like `generate_greedy`'s. The same
     model, prompts and seed give the same answers.
     """
-    import torch
 
     if num_samples < 0 or (num_samples == 0 and not include_greedy):
         raise ValueError("ask for at least one answer per prompt")
@@ -44,12 +43,28 @@ def sample_answers(
     if num_samples == 0:
         return answers
     _, eos, pad = _special_ids(tokenizer)
+    batches = prompt_batches(tokenizer, prompts, batch_size)
+    for i, new_ids in sampled_ids(model, batches, num_samples, seed, temperature, top_p, max_new_tokens, eos, pad):
+        text = decode_answer(tokenizer, new_ids, eos)
+        if text and text not in answers[i]:
+            answers[i].append(text)
+    return answers
+
+
+def sampled_ids(model: Any, batches: Iterable[tuple[list[int], Any, Any]], num_samples: int, seed: int,
+                temperature: float, top_p: float, max_new_tokens: int, eos: int,
+                pad: int) -> Iterator[tuple[int, list[int]]]:
+    """(prompt index, new token ids) for `num_samples` seeded samples of every prompt in `batches`
+    (as `prompt_batches` yields them: indices, left-padded ids, attention mask). The model is in
+    eval mode while sampling and back in its own mode after."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for idx, input_ids, attention_mask in prompt_batches(tokenizer, prompts, batch_size):
+            for idx, input_ids, attention_mask in batches:
                 with torch.inference_mode():
                     out = model.generate(
                         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -60,9 +75,6 @@ def sample_answers(
                 width = input_ids.shape[1]
                 for row, i in enumerate(idx):
                     for k in range(num_samples):
-                        text = decode_answer(tokenizer, out[row * num_samples + k, width:].tolist(), eos)
-                        if text and text not in answers[i]:
-                            answers[i].append(text)
+                        yield i, out[row * num_samples + k, width:].tolist()
     finally:
         model.train(was_training)
-    return answers

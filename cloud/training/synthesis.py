@@ -103,7 +103,7 @@ def sample_continuations(
     """Per instruction, `num_samples` sampled continuations of `<bos> instruction`, as text up
     to <eos> (or `max_new_tokens`), newlines kept. The same model, instructions and seed give
     the same continuations."""
-    import torch
+    from cloud.training.sampling import sampled_ids
 
     if num_samples < 1:
         raise ValueError(f"ask for at least one continuation per instruction, got {num_samples}")
@@ -113,25 +113,9 @@ def sample_continuations(
     encoded = [_encode_text(tokenizer, text) for text in instructions]
     prefixes = [ids if bos is None else [bos, *ids] for ids in encoded]
     out: list[list[str]] = [[] for _ in instructions]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for idx, input_ids, attention_mask in _prefix_batches(tokenizer, prefixes, batch_size):
-                with torch.inference_mode():
-                    generated = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                        num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
-                    )
-                width = input_ids.shape[1]
-                for row, i in enumerate(idx):  # each prefix's samples are next to each other
-                    for k in range(num_samples):
-                        new_ids = generated[row * num_samples + k, width:].tolist()
-                        if eos in new_ids:
-                            new_ids = new_ids[: new_ids.index(eos)]
-                        out[i].append(_continuation(tokenizer, encoded[i], new_ids))
-    finally:
-        model.train(was_training)
+    batches = _prefix_batches(tokenizer, prefixes, batch_size)
+    for i, new_ids in sampled_ids(model, batches, num_samples, seed, temperature, top_p, max_new_tokens, eos, pad):
+        if eos in new_ids:
+            new_ids = new_ids[: new_ids.index(eos)]
+        out[i].append(_continuation(tokenizer, encoded[i], new_ids))
     return out
