@@ -210,3 +210,24 @@ def test_bad_choices_are_refused_before_any_work(tmp_path) -> None:
     with pytest.raises(typer.BadParameter, match="--tune"):
         bench_quality(out=tmp_path, settings=tmp_path / "missing.json")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_finished_run_is_kept_until_a_setting_it_reads_changes(tmp_path) -> None:
+    from benchmarks.cotuning import QualityConfig, _finished, _keep, run_key
+    from benchmarks.cotuning_methods import METHODS
+    from benchmarks.cotuning_tune import SEARCH_START
+
+    settings = copy.deepcopy(SEARCH_START["synthetic"])
+    cfg = QualityConfig(out_dir=tmp_path, settings=settings)
+    key = run_key(METHODS["fedavg"], cfg, 0, 1)
+    _keep(tmp_path / "run", key, {"rounds": [], "wall_s": 1.0})
+    assert _finished(tmp_path / "run", key) == {"rounds": [], "wall_s": 1.0}
+    # FedAvg does not read the distillation settings; FedCoLLM does; both read the local training.
+    settings["distill"]["lambda_kd"] = 0.9
+    assert run_key(METHODS["fedavg"], cfg, 0, 1) == key
+    fedcollm = run_key(METHODS["fedcollm"], cfg, 0, 1)
+    settings["distill"]["lambda_kd"] = 0.1
+    assert run_key(METHODS["fedcollm"], cfg, 0, 1) != fedcollm
+    settings["train"]["lr"] = 0.5
+    assert _finished(tmp_path / "run", run_key(METHODS["fedavg"], cfg, 0, 1)) is None
+    assert run_key(METHODS["fedavg"], cfg, 0, 2) != key
