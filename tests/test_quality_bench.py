@@ -145,9 +145,7 @@ def test_share_is_the_part_of_the_reference_gain() -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> tuple[dict, Path]:
-    from benchmarks.cotuning import QualityConfig, run_quality_benchmark
-    from benchmarks.cotuning_methods import METHODS
+def tiny(tmp_path_factory):
     from benchmarks.cotuning_tune import SEARCH_START
     from benchmarks.worlds.synthetic import build_synthetic_world
 
@@ -156,9 +154,32 @@ def results(tmp_path_factory) -> tuple[dict, Path]:
     settings = copy.deepcopy(SEARCH_START["synthetic"])
     settings.update(rounds=2)
     settings["crosslm"].update(prompts_per_domain=2, samples_per_prompt=1, max_new_tokens=6)
+    return root, world, settings
+
+
+@pytest.fixture(scope="module")
+def results(tiny) -> tuple[dict, Path]:
+    from benchmarks.cotuning import QualityConfig, run_quality_benchmark
+    from benchmarks.cotuning_methods import METHODS
+
+    root, world, settings = tiny
     cfg = QualityConfig(out_dir=root / "out", world_seeds=(0,), seeds=(0, 1), settings=settings, threads=1,
                         progress=False, methods=tuple(METHODS), curves=True)
     return run_quality_benchmark(cfg, worlds={0: world}), root / "out"
+
+
+def test_prompts_only_aux_distils_along_the_slms_answers(tiny) -> None:
+    from benchmarks.cotuning import QualityConfig, run_quality_benchmark
+
+    root, world, settings = tiny
+    cfg = QualityConfig(out_dir=root / "prompts", aux="prompts", world_seeds=(0,), seeds=(0,), settings=settings,
+                        threads=1, progress=False, methods=("zero-shot", "fedcollm", "fedavg+aux"), curves=True)
+    res = run_quality_benchmark(cfg, worlds={0: world})
+    assert "fedavg+aux" not in res["runs"]  # nothing to tune the LLM on without answers
+    distill = res["runs"]["fedcollm"]["0"]["0"]["rounds"][-1]["extra"]["distill"]
+    assert distill["pseudo_labelled"] == len(world.aux["prompts"].read_text().splitlines())
+    claim = next(c for c in res["claims"] if c["claim"] == "fedcollm_llm_over_aux_only")
+    assert "no answers" in claim["note"]
 
 
 def test_every_method_reports_validation_each_round_and_test_at_the_end(results) -> None:

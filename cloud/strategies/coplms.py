@@ -139,7 +139,8 @@ class CoPlms(SlmLoraStrategy):
             llm, llm_tok = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
             spec = self.spec.distill.model_copy(update={"epochs": self.params.init_distill_epochs})
             records = self.aux_answered_by(llm, llm_tok)  # the teacher answers prompts that carry none
-            report.update(distill_into(proxy, tok, llm, llm_tok, records, spec, seed=self.spec.seed))
+            if records:
+                report.update(distill_into(proxy, tok, llm, llm_tok, records, spec, seed=self.spec.seed))
             inputs[DPM_ADAPTER] = self.holder.save_adapter(proxy)
         else:
             inputs[DPM_ADAPTER] = proxy_start
@@ -161,13 +162,12 @@ class CoPlms(SlmLoraStrategy):
         return metrics
 
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
-        from cloud.training.distill import mutual_distillation
 
         proxy, tok = self.holder.with_adapter(self.spec.slm, self.spec.lora, self.spec.seed, aggregate_digest)
         llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[LLM_ADAPTER])
         # Prompts without answers: distil along the averaged proxy's own answers (the devices' side).
-        report = mutual_distillation(llm, proxy, tok, self.aux_answered_by(proxy, tok), self.spec.distill,
-                                     seed=self.round_seed(round_number))
+        report = self.mutual_distillation(llm, proxy, tok, self.aux_answered_by(proxy, tok),
+                                          self.round_seed(round_number))
         proxy_digest = self.holder.save_adapter(proxy)
         llm_digest = self.holder.save_adapter(llm)
         outputs = {**inputs, DPM_ADAPTER: proxy_digest, LLM_ADAPTER: llm_digest}

@@ -42,7 +42,6 @@ class FedCoLLM(FedAvg):
         return metrics
 
     def server_step(self, round_number: int, inputs: dict[str, str], aggregate_digest: str) -> StepResult:
-        from cloud.training.distill import mutual_distillation
         from cloud.training.pseudo_labels import unlabelled
 
         seed = self.round_seed(round_number)
@@ -50,7 +49,7 @@ class FedCoLLM(FedAvg):
         llm, _ = self.holder.with_adapter(self.spec.llm, self.spec.lora, self.spec.seed, inputs[fedcollm.LLM_ADAPTER])
         # Prompts without answers: distil along the aggregated SLM's own answers.
         records = self.aux_answered_by(slm, tok)
-        report = mutual_distillation(llm, slm, tok, records, self.spec.distill, seed=seed)
+        report = self.mutual_distillation(llm, slm, tok, records, seed)
         report["pseudo_labelled"] = len(unlabelled(self.aux_records))
         slm_digest = self.holder.save_adapter(slm)
         llm_digest = self.holder.save_adapter(llm)

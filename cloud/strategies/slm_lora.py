@@ -81,6 +81,15 @@ class SlmLoraStrategy(Strategy):
 
         return label_with(model, tokenizer, self.aux_records, self.spec.eval_max_new_tokens)
 
+    def mutual_distillation(self, llm: Any, slm: Any, tokenizer: Any, records: list, seed: int) -> dict[str, Any]:
+        """FedCoLLM's server-side distillation on `records`; none (a round whose SLM answers no
+        auxiliary prompt) leaves both adapters as they are rather than failing the run."""
+        from cloud.training.distill import mutual_distillation
+
+        if not records:
+            return {"steps": 0, "num_samples": 0, "skipped": "no auxiliary record with an answer"}
+        return mutual_distillation(llm, slm, tokenizer, records, self.spec.distill, seed=seed)
+
     def evaluate(self, ckpt_dir: str, adapter_digest: str) -> dict[str, Any]:
         if not self.eval_records:
             return {}
