@@ -83,7 +83,11 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(results["runs"])}
-    for ax, side in zip(axes[:2], ("slm", "llm"), strict=True):
+    curves = any(len(run["rounds"]) > 1 and "validation" in run["rounds"][0]
+                 for by_world in results["runs"].values() for by_seed in by_world.values() for run in by_seed.values())
+    if not curves:
+        _final_bars(axes[:2], results, colors)
+    for ax, side in zip(axes[:2], ("slm", "llm") if curves else (), strict=False):
         for method, by_world in results["runs"].items():
             series = [run["rounds"] for by_seed in by_world.values() for run in by_seed.values()]
             if any("validation" not in r or r["validation"][side] is None for rounds in series for r in rounds) \
@@ -114,6 +118,19 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _final_bars(axes: Any, results: dict[str, Any], colors: dict[str, Any]) -> None:
+    """Without per-round curves: the final test Rouge-L per method (mean, std over runs)."""
+    for ax, side in zip(axes, ("slm", "llm"), strict=True):
+        rows = [(m, r[f"{side}_rougeL"]) for m, r in results["summary"].items() if f"{side}_rougeL" in r]
+        xs = range(len(rows))
+        ax.bar(xs, [100 * s["mean"] for _, s in rows], yerr=[100 * s["std"] for _, s in rows], capsize=3,
+               color=[colors[m] for m, _ in rows])
+        ax.set_xticks(xs, [m for m, _ in rows], rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{side.upper()} Rouge-L on test, final round (mean ± std)")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3, axis="y")
 
 
 NOTE = ("Final round on the test split (read once per run); mean ± std over world seeds x training seeds; "
