@@ -86,7 +86,7 @@ def claims(runs: Runs, worlds: Mapping[str, World], seed: int = 0) -> list[dict[
         ca, cb = _cells(runs, a, pick), _cells(runs, b, pick, seeds_like=a)
         missing = [m for m, c in ((a, ca), (b, cb)) if c is None]
         interval = paired_difference(ca, cb, seed) if not missing else None
-        out.append(_entry(claim, interval, above, note or (f"needs {', '.join(missing)}" if missing else "")))
+        out.append(_entry(claim, interval, above, f"needs {', '.join(missing)}" if missing else note))
 
     diff("fedcollm_slm_over_fedavg", "fedcollm", "fedavg", slm)
     diff("fedcollm_slm_over_standalone", "fedcollm", "standalone", slm)
@@ -95,7 +95,8 @@ def claims(runs: Runs, worlds: Mapping[str, World], seed: int = 0) -> list[dict[
              "LLM-aux-only: the LLM of the fedavg+aux ablation (FedCoLLM with lambda_kd = 0)")
     else:
         diff("fedcollm_llm_over_aux_only", "fedcollm", "zero-shot", llm,
-             "the auxiliary data carries no answers, so tuning on it alone leaves the zero-shot LLM")
+             "against the zero-shot LLM: fedavg+aux did not run (without answers in the auxiliary data there "
+             "is nothing to tune the LLM on alone, so LLM-aux-only is the zero-shot LLM)")
     parts = [_cells(runs, m, llm, seeds_like="fedcollm") for m in ("fedcollm", "centralized", "zero-shot")]
     if None in parts:
         out.append(_entry("fedcollm_llm_share_of_centralized", None, above, "needs fedcollm, centralized, zero-shot"))
