@@ -16,7 +16,7 @@ _AUX = ("paper", "prompts", "public-only")
 
 
 def _methods_help() -> str:
-    from benchmarks.cotuning_methods import METHODS
+    from benchmarks.cotuning_methods import METHODS  # after use_checkout_benchmarks()
 
     return ",".join(METHODS)
 
@@ -44,6 +44,9 @@ def bench_quality(
                                               "only after the last")] = False,
 ) -> None:
     """Quality of every co-tuning method and the papers' claims, with paired bootstrap intervals."""
+    from cotune.cli.benchmarks_path import use_checkout_benchmarks
+
+    use_checkout_benchmarks()
     from benchmarks.cotuning import QualityConfig, load_settings, run_quality_benchmark
     from benchmarks.cotuning_methods import check_methods
 

@@ -156,6 +156,9 @@ def bench_latency(
 
     Builds and checkpoints are cached under $COTUNE_CACHE/bench (default ~/.cache/cotune/bench).
     """
+    from cotune.cli.benchmarks_path import use_checkout_benchmarks
+
+    use_checkout_benchmarks()
     from benchmarks.latency import LatencyConfig, run_latency
 
     cfg = LatencyConfig(

@@ -263,6 +263,9 @@ def bench_load(
     Reports throughput, p50/p99 latency per operation and the coordinator's memory while it
     aggregates, which must stay flat as N grows.
     """
+    from cotune.cli.benchmarks_path import use_checkout_benchmarks
+
+    use_checkout_benchmarks()
     from benchmarks.coordinator_load import run_load_benchmark
 
     run_load_benchmark([int(x) for x in clients.split(",")], out, concurrency)
