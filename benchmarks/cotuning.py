@@ -207,7 +207,7 @@ class Run:
             if params.get("saml_data") == "private+prompts":
                 params["saml_prompts"] = str(self.world.prompt_pool)
         elif m.algorithm == "crosslm":
-            params = dict(s.get("crosslm", {}))
+            params = {**s.get("crosslm", {}), **m.params}
             samples = params.get("synthesis") == "samples"
             params["prompt_data"] = str(self.world.instructions if samples else self.world.prompt_pool)
         return RunSpec.model_validate({

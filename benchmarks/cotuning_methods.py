@@ -11,7 +11,8 @@ Strategy methods run the coordinator's strategies and the devices' handlers in p
 Ablations that isolate co-tuning's share:
 - fedavg+aux: FedCoLLM with lambda_kd = 0, so the SLM is FedAvg + fine-tuning on the auxiliary
   data and the LLM is fine-tuned on the auxiliary data alone (`llm-aux-only`);
-- fedcollm-oneway: FedCoLLM with a frozen LLM that only teaches the SLM.
+- fedcollm-oneway: FedCoLLM with a frozen LLM that only teaches the SLM;
+- crosslm-answers: CrossLM with the LLM answering pool prompts, whichever synthesis was chosen.
 FedAvg also runs with each exact LoRA aggregation (FFA-LoRA, SVD re-factorisation).
 """
 
@@ -30,6 +31,7 @@ class Method:
     llm: bool = False  # the method has an LLM to score
     lora: dict[str, Any] = field(default_factory=dict)  # overrides of the frozen settings
     distill: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of the method's frozen params
     labelled_aux: bool = False  # only meaningful when the auxiliary data carries answers
 
 
@@ -46,6 +48,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedcollm-oneway", "strategy", "fedcollm", distill={"direction": "llm_to_slm"}),
     Method("co-plms", "strategy", "co-plms", het=True, llm=True),
     Method("crosslm", "strategy", "crosslm", het=True, llm=True),
+    # The synthesis mode the search did not choose, so CrossLM's selection loop runs in any case.
+    Method("crosslm-answers", "strategy", "crosslm", het=True, llm=True, params={"synthesis": "answers"}),
     Method("centralized", "centralized", llm=True),
 )}
 
