@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from benchmarks.cotuning_eval import home_domains, test_items_by_item
+from benchmarks.cotuning_eval import home_domains, item_scores
 from benchmarks.cotuning_stats import Cells, Interval, nll_change, paired_difference, share
 from benchmarks.worlds.base import World
 
@@ -68,13 +68,13 @@ def claims(runs: Runs, worlds: Mapping[str, World], seed: int = 0) -> list[dict[
     homes = {w: home_domains(world) for w, world in worlds.items()}
 
     def slm(res: dict[str, Any], _w: str) -> list[float]:
-        return test_items_by_item(res["slm"])
+        return item_scores(res["slm"])
 
     def slm_home(res: dict[str, Any], w: str) -> list[float]:
-        return test_items_by_item(res["slm"], homes[w], tests[w])
+        return item_scores(res["slm"], homes[w], tests[w])
 
     def llm(res: dict[str, Any], _w: str) -> list[float]:
-        return test_items_by_item(res["llm"])
+        return item_scores(res["llm"])
 
     def nll(index: int) -> Callable[[dict[str, Any], str], list[float]]:
         return lambda res, _w: [float(x[index]) for x in res["llm"]["general_nll"]]

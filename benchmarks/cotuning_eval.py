@@ -103,7 +103,7 @@ class Evaluator:
             self.seconds += time.perf_counter() - started
 
 
-def test_items_by_item(result: dict[str, Any], homes: Sequence[str] | None = None,
+def item_scores(result: dict[str, Any], homes: Sequence[str] | None = None,
                        records: Sequence[Any] | None = None, metric: str = "rougeL") -> list[float]:
     """Per test item, the score averaged over devices; with `homes` and `records`, only the devices
     whose home is the item's domain count, and items no device calls home are NaN."""

@@ -123,14 +123,3 @@ def response_nll(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_
     finally:
         model.train(was_training)
     return out
-
-
-def perplexity(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_len: int = 64) -> float:
-    """exp of the mean next-token loss over every record's response tokens: how well the model
-    predicts text of a kind, e.g. general text before and after tuning."""
-    import math
-
-    per_record = response_nll(model, tokenizer, records, max_len)
-    if not per_record:
-        raise ValueError("no records to measure perplexity on")
-    return math.exp(sum(n for n, _ in per_record) / sum(c for _, c in per_record))
