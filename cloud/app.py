@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from cloud import telemetry
-from cloud.api import artifacts, builds, clients, inference, ops, rounds, runs, ui
+from cloud.api import artifacts, builds, clients, inference, ops, rounds, runs, secagg, ui
 from cloud.coordinator import Coordinator
 from cloud.errors import ApiError, invalid_request
 from cloud.settings import CoordinatorSettings
@@ -81,6 +81,6 @@ def create_app(settings: CoordinatorSettings, start_driver: bool = True) -> Fast
         return JSONResponse(status_code=exc.status_code, content={"detail": detail.model_dump()},
                             headers=exc.headers)
 
-    for module in (ops, runs, rounds, clients, artifacts, builds, inference, ui):
+    for module in (ops, runs, rounds, secagg, clients, artifacts, builds, inference, ui):
         app.include_router(module.router)
     return app

@@ -16,10 +16,11 @@ from cloud.services.builds import BuildsService
 from cloud.services.generation import GenerationService
 from cloud.services.limits import GenerateLimits
 from cloud.services.runs import RunsService, StrategyFactory, strategy_factory
+from cloud.services.secagg import SecaggService
 from cloud.services.updates import UpdatesService
 from cloud.settings import CoordinatorSettings
 from cloud.state import CoordinatorState, SqlState
-from cloud.store import BlobStore
+from cloud.store import BlobStore, open_store
 
 
 class Coordinator:
@@ -34,7 +35,7 @@ class Coordinator:
         artifact directory, strategies by each run's algorithm."""
         self.settings = settings
         self.state = state if state is not None else SqlState(settings.state_url)
-        self.store = store if store is not None else BlobStore(settings.artifact_dir)
+        self.store = store if store is not None else open_store(settings)
         self.spool_dir = Path(settings.work_dir) / "uploads"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.holder = ModelHolder(self.store)
@@ -45,7 +46,8 @@ class Coordinator:
         self.auth = AuthService(self.state, settings.admin_token or new_token())
         self.runs = RunsService(self.state, self.store, factory or strategy_factory(self.store, self.holder),
                                 self.model_lock)
-        self.updates = UpdatesService(self.state, self.store, self.runs)
+        self.secagg = SecaggService(self.state, self.runs)
+        self.updates = UpdatesService(self.state, self.store, self.runs, self.secagg)
         self.artifacts = ArtifactsService(self.state, self.store)
         self.generation = GenerationService(self.runs, self.holder, self.model_lock, GenerateLimits(
             settings.generate_rate_per_minute, settings.generate_burst, settings.generate_queue))

@@ -23,17 +23,25 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
 
 from cloud import telemetry
 from cloud.faults import failpoint
+from cloud.secure.phases import SecureRound
+from cloud.secure.spec import device_task
+from cloud.secure.unmask import MaskedUpdate, UnmaskError, missing_secrets, revealed, unmask
 from cloud.services.builds import BuildsService
 from cloud.services.runs import RunsService
 from cloud.state import CoordinatorState, StateUnavailable
-from cloud.state.records import RoundRecord, RunRecord
+from cloud.state.records import RoundRecord, RunRecord, UpdateRecord
 from cloud.store import BlobStore
-from cloud.strategies import UpdateFile
+from cloud.strategies import Strategy, UpdateFile
+from cloud.strategies.aggregation import Aggregate
 from common.protocol import RoundState, RunSpec, RunState
-from common.tensorfile import save_arrays
+from common.secagg.ring import Layout, error_bound, layout_of, unflatten
+from common.tensorfile import load_arrays, read_header, save_arrays
 
 log = logging.getLogger("cotune.rounds")
 
@@ -43,6 +51,12 @@ _LEASED = (RoundState.aggregating, RoundState.server_step)
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _flat(path: Path, layout: Layout) -> np.ndarray:
+    """A masked upload as one uint64 vector in the layout's order."""
+    arrays = load_arrays(path, read_header(path))
+    return np.concatenate([np.asarray(arrays[name]).reshape(-1) for name, _ in layout]).view(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,10 @@ class RoundDriver:
         self.builds = builds
         self._steps: dict[RoundState, Step] = {
             RoundState.open: self._open,
+            RoundState.keys: self._keys,
+            RoundState.shares: self._shares,
             RoundState.collecting: self._collecting,
+            RoundState.unmasking: self._unmasking,
             RoundState.aggregating: self._aggregating,
             RoundState.server_step: self._server_step,
             RoundState.publishing: self._publishing,
@@ -212,11 +229,47 @@ class RoundDriver:
         if self.state.count_active_clients(run.id) < spec.min_clients:
             return False
         now = _now()
+        if spec.secure_aggregation is not None:
+            return self._cas(rnd, RoundState.open, RoundState.keys,
+                             deadline_at=now + timedelta(seconds=spec.secure_aggregation.phase_deadline_s))
         return self._cas(rnd, RoundState.open, RoundState.collecting, collecting_at=now,
+                         deadline_at=now + timedelta(seconds=spec.round_deadline_s))
+
+    @staticmethod
+    def _phase_over(rnd: RoundRecord, spec: RunSpec, arrived: int, expected: int) -> bool:
+        """A collecting phase ends with its quorum once everyone expected is in, or at its deadline."""
+        if arrived < spec.min_clients:
+            return False
+        return arrived >= expected or (rnd.deadline_at is not None and _now() >= rnd.deadline_at)
+
+    def _secure_round(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> SecureRound:
+        return SecureRound(self.state, run.id, rnd.number, spec.seed, spec.secure_aggregation)
+
+    def _keys(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        sec = self._secure_round(run, rnd, spec)
+        if not self._phase_over(rnd, spec, len(sec.members), self.state.count_active_clients(run.id)):
+            return False
+        failpoint("secagg_keys_closing")
+        return self._cas(rnd, RoundState.keys, RoundState.shares,
+                         deadline_at=_now() + timedelta(seconds=spec.secure_aggregation.phase_deadline_s))
+
+    def _shares(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        sec = self._secure_round(run, rnd, spec)
+        if not self._phase_over(rnd, spec, len(sec.dealers), len(sec.members)):
+            return False
+        failpoint("secagg_shares_closing")
+        now = _now()
+        return self._cas(rnd, RoundState.shares, RoundState.collecting, collecting_at=now,
                          deadline_at=now + timedelta(seconds=spec.round_deadline_s))
 
     def _collecting(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
         n_updates = self.state.count_updates(run.id, rnd.number)
+        if spec.secure_aggregation is not None:  # everyone expected: the devices whose shares are in
+            if not self._phase_over(rnd, spec, n_updates, len(self._secure_round(run, rnd, spec).dealers)):
+                return False
+            failpoint("secagg_collecting_closing")
+            return self._cas(rnd, RoundState.collecting, RoundState.unmasking,
+                             deadline_at=_now() + timedelta(seconds=spec.secure_aggregation.phase_deadline_s))
         if n_updates < spec.min_clients:
             return False
         everyone_in = n_updates >= self.state.count_active_clients(run.id)
@@ -225,15 +278,32 @@ class RoundDriver:
             return False
         return self._cas(rnd, RoundState.collecting, RoundState.aggregating)
 
+    def _unmasking(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
+        sec = self._secure_round(run, rnd, spec)
+        reveals = revealed(sec)
+        if len(reveals) < len(sec.uploaders):
+            if rnd.deadline_at is None or _now() < rnd.deadline_at:
+                return False
+            short = missing_secrets(sec, reveals)
+            if short:  # past the deadline and the sum can never be unmasked
+                raise UnmaskError(f"{len(short)} secrets the sum needs cannot be rebuilt (e.g. {short[0]}): fewer "
+                                  f"than {sec.threshold} neighbours revealed their shares before the unmask "
+                                  "phase's deadline")
+        failpoint("secagg_unmasking_closing")
+        return self._cas(rnd, RoundState.unmasking, RoundState.aggregating)
+
     def _aggregating(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
         with self._leased(rnd) as held:
             if not held:
                 return False
             strategy = self.runs.strategy(run)
             updates = self.state.list_updates(run.id, rnd.number)
-            files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
             elapsed = telemetry.stopwatch()
-            aggregate = strategy.aggregate_round(files, dict(rnd.inputs))
+            if spec.secure_aggregation is not None:
+                aggregate = self._unmask(run, rnd, spec, strategy, updates)
+            else:
+                files = (UpdateFile(self.store.path(u.sha256), u.num_samples) for u in updates)
+                aggregate = strategy.aggregate_round(files, dict(rnd.inputs))
             telemetry.aggregated(elapsed())
             digest = self.store.put_bytes(save_arrays(aggregate.arrays))
             failpoint("aggregated")
@@ -245,6 +315,23 @@ class RoundDriver:
         # renewal races the transition that ends the step.
         return self._cas(rnd, RoundState.aggregating, RoundState.server_step, aggregate_digest=digest,
                          metrics=metrics)
+
+    def _unmask(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec, strategy: Strategy,
+                updates: list[UpdateRecord]) -> Aggregate:
+        """The weighted mean of the round's masked updates (cloud/secure/unmask.py), as the aggregate."""
+        task = device_task(spec)
+        layout = layout_of(strategy.update_schema(dict(rnd.inputs)))
+        masked = [MaskedUpdate(u.client_id, _flat(self.store.path(u.sha256), layout), min(u.num_samples,
+                                                                                          task.weight_cap))
+                  for u in updates]
+        sec = self._secure_round(run, rnd, spec)
+        result = unmask(sec, masked, layout, task.fraction_bits, task.clip)
+        figures = {"rule": "mean", "updates": len(updates), "secure_aggregation": {
+            "members": len(sec.members), "dealers": len(sec.dealers), "uploaders": len(sec.uploaders),
+            "neighbours": sec.degree, "threshold": sec.threshold, "rebuilt_seeds": result.rebuilt_seeds,
+            "rebuilt_keys": result.rebuilt_keys, "out_of_range": result.out_of_range,
+            "fraction_bits": task.fraction_bits, "error_bound": error_bound(task.fraction_bits)}}
+        return strategy.aggregate_mean(unflatten(result.mean, layout, np.float64), dict(rnd.inputs), figures)
 
     def _server_step(self, run: RunRecord, rnd: RoundRecord, spec: RunSpec) -> bool:
         with self._leased(rnd) as held:

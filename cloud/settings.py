@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from cloud.blobstores.s3url import SCHEME, is_s3_url, parse_s3_url
 from common.protocol import RunSpec
 from common.settings import LayeredSettings, load_layered
 
@@ -22,8 +23,26 @@ class CoordinatorSettings(LayeredSettings):
         "sqlite:///.cotune/coordinator.db",
         description="SQLAlchemy URL: a SQLite file (default) or postgresql+psycopg://...",
     )
-    artifact_dir: Path = Path(".cotune/artifacts")
-    work_dir: Path = Field(Path(".cotune/work"), description="scratch space for uploads in flight")
+    artifact_dir: str = Field(
+        ".cotune/artifacts", min_length=1,
+        description="the content-addressed blob store: a local directory, or s3://bucket/prefix for an "
+        "S3-compatible bucket that replicas on several machines share (cloud/store.py)",
+    )
+    artifact_cache_dir: Path | None = Field(
+        None, description="with an s3:// artifact_dir: the local cache of the blobs this replica reads "
+        "(default: work_dir/artifact-cache)")
+    artifact_cache_bytes: int = Field(
+        10 * 1024**3, ge=0, description="with an s3:// artifact_dir: the cache's size; past it the blobs used "
+        "least recently are dropped (never one handed out in the last hour)")
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible server (MinIO, Ceph, R2...), e.g. http://minio:9000; unset: AWS S3")
+    s3_region: str | None = Field(None, description="the bucket's region; unset: boto3's default chain")
+    s3_access_key_id: str | None = Field(
+        None, description="unset: boto3's default chain (AWS_ACCESS_KEY_ID, ~/.aws, an instance role)")
+    s3_secret_access_key: SecretStr | None = Field(None, description="the secret of s3_access_key_id")
+    work_dir: Path = Field(
+        Path(".cotune/work"), description="scratch space for uploads in flight; with an s3:// artifact_dir also "
+        "where the token files and (by default) the artifact cache are kept")
     admin_token: str | None = Field(
         None, min_length=16, description="bearer token for run management; generated if unset"
     )
@@ -60,6 +79,35 @@ class CoordinatorSettings(LayeredSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object a line (time, level, logger, message), for a log collector")
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
+
+    @field_validator("artifact_dir", mode="before")
+    @classmethod
+    def _artifact_location(cls, value: Any) -> Any:
+        if isinstance(value, PurePath):
+            # A path collapses "s3://b/p" to "s3:/b/p" (as a --artifact-dir typed as a path does).
+            text = str(value)
+            return SCHEME + text[len("s3:/"):] if text.startswith("s3:/") and not is_s3_url(text) else text
+        return value
+
+    @field_validator("artifact_dir")
+    @classmethod
+    def _bucket_url(cls, value: str) -> str:
+        if is_s3_url(value):
+            parse_s3_url(value)  # a ValueError saying what is wrong with it
+        return value
+
+    @model_validator(mode="after")
+    def _check_store(self) -> CoordinatorSettings:
+        if not is_s3_url(self.artifact_dir):
+            given = [name for name in ("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set, but artifact_dir {self.artifact_dir!r} is a local "
+                                 "directory; set artifact_dir to s3://bucket/prefix, or leave the s3_* settings unset")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("s3_access_key_id and s3_secret_access_key go together; set both, or neither "
+                             "(boto3's default chain then supplies them)")
+        return self
 
 
 def check_tls(settings: CoordinatorSettings) -> None:

@@ -1,6 +1,7 @@
 """What `cotune serve` settles before the coordinator starts: secret files readable by their
-owner only from the first byte, and the enroll token of the run its config names, so that a
-start-up run is always joinable and the same command restarts it (ARCHITECTURE.md, "Privacy")."""
+owner only from the first byte, the enroll token of the run its config names, so that a
+start-up run is always joinable and the same command restarts it (ARCHITECTURE.md, "Privacy"),
+and an artifact store that answers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.auth import hash_token, new_token
+from cloud.blobstores.s3url import is_s3_url
 from cloud.services.runs import spec_differences
 from cloud.settings import CoordinatorSettings
 from cloud.state import CoordinatorState
+from cloud.store import open_store
 from common.private_file import write_private
 from common.protocol import RunSpec
 
@@ -20,13 +23,29 @@ def write_secret(path: Path, text: str) -> None:
     write_private(path, text + "\n")
 
 
+def secrets_dir(settings: CoordinatorSettings) -> Path:
+    """Where token files are kept: beside a local artifact directory (in the state directory,
+    `.cotune/` by default), or in `work_dir` when the artifacts are in a bucket, since an
+    s3:// URL names no folder on this machine."""
+    if is_s3_url(settings.artifact_dir):
+        return Path(settings.work_dir)
+    return Path(settings.artifact_dir).parent
+
+
 def admin_token_path(settings: CoordinatorSettings) -> Path:
-    return Path(settings.artifact_dir).parent / "admin_token"
+    return secrets_dir(settings) / "admin_token"
 
 
 def enroll_token_path(settings: CoordinatorSettings, run_name: str) -> Path:
     # Run names are [A-Za-z0-9_.-]+ (RunSpec), so the prefix keeps this a plain file name.
-    return Path(settings.artifact_dir).parent / f"enroll_token-{run_name}"
+    return secrets_dir(settings) / f"enroll_token-{run_name}"
+
+
+def check_artifact_store(settings: CoordinatorSettings) -> None:
+    """Open the artifact store once before serving, so that a bucket that is missing or refuses
+    access stops `cotune serve` with one line saying what to fix (StoreConfigError), rather than
+    a traceback from the app's start-up."""
+    open_store(settings)
 
 
 @dataclass(frozen=True)

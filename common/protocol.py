@@ -37,10 +37,14 @@ class _Strict(BaseModel):
 
 class RoundState(str, Enum):
     """open -> collecting -> aggregating -> server_step -> publishing -> closed, or failed
-    (ARCHITECTURE.md, "Round state machine")."""
+    (ARCHITECTURE.md, "Round state machine"). Under secure aggregation: open -> keys -> shares
+    -> collecting -> unmasking -> aggregating -> ... (ARCHITECTURE.md, "Secure aggregation")."""
 
     open = "open"
+    keys = "keys"  # secure aggregation: devices advertise their public keys
+    shares = "shares"  # secure aggregation: devices deal encrypted shares to their neighbours
     collecting = "collecting"
+    unmasking = "unmasking"  # secure aggregation: devices reveal the shares the sum needs
     aggregating = "aggregating"
     server_step = "server_step"
     publishing = "publishing"
@@ -160,6 +164,40 @@ class AggregationSpec(_Strict):
         return 0.2 if self.trim_fraction is None else self.trim_fraction
 
 
+class SecureAggregationSpec(_Strict):
+    """Secure aggregation in the SecAgg+ family (ARCHITECTURE.md, "Secure aggregation"): the
+    coordinator learns only the weighted sum of the round's updates."""
+
+    neighbours: int | None = Field(
+        None, ge=2, le=256, description="how many neighbours each device shares its secrets with and masks "
+        "against (even); None: about 2 log2 n, SecAgg+'s O(log n)")
+    threshold_fraction: float = Field(
+        0.5, ge=0.5, lt=1.0, description="a device's secrets need more than this fraction of its neighbours' "
+        "shares to be rebuilt: the most neighbours that may drop, and the fewest that must collude")
+    clip: float = Field(
+        4.0, gt=0, le=1e6, allow_inf_nan=False,
+        description="update values are clipped to [-clip, clip] before fixed-point quantisation")
+    phase_deadline_s: float = Field(
+        60.0, gt=0, description="how long the key, share and unmask phases wait for every device before going "
+        "on without the missing ones (training keeps round_deadline_s)")
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError("neighbours must be even (each device joins the same number on either side of a ring)")
+        return value
+
+
+class SecureAggregationTask(BaseModel):
+    """What a device needs to take part in a round under secure aggregation."""
+
+    clip: float
+    fraction_bits: int = Field(description="the fixed-point scale: values are multiplied by 2^fraction_bits")
+    weight_cap: int = Field(description="the largest aggregation weight (sample count) an update may carry")
+    threshold_fraction: float
+
+
 class RunSpec(_Strict):
     """What an admin asks for with `POST /v1/runs`. Paths are on the coordinator's disk."""
 
@@ -196,6 +234,9 @@ class RunSpec(_Strict):
     )
     aggregation: AggregationSpec = Field(
         default_factory=AggregationSpec, description="how each round's updates are aggregated")
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        None, description="true (or settings): devices upload masked updates and the coordinator learns only "
+        "their weighted sum (SecAgg+); refused with rules or checks that need each update on its own")
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
     )
@@ -209,6 +250,14 @@ class RunSpec(_Strict):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # `secure_aggregation: true` takes the default settings; false is the same as leaving it out.
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class RunCreated(BaseModel):
@@ -268,6 +317,7 @@ class ClientTask(BaseModel):
     seed: int
     params: dict[str, Any] = Field(default_factory=dict)
     privacy: PrivacySpec | None = None
+    secure_aggregation: SecureAggregationTask | None = None
     builds: list[str] = Field(
         default_factory=list, max_length=16,
         description="edge builds the device makes of its own final model when the run ends, e.g. "

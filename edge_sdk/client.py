@@ -32,6 +32,7 @@ from common.protocol import (
     UpdateReceipt,
 )
 from common.retry import Backoff, call_with_retry
+from common.secagg.wire import Inbox, KeyAdvert, Neighbourhood, Reveal, ShareBundle, UnmaskRequest
 
 log = logging.getLogger("cotune.edge.client")
 M = TypeVar("M", bound=BaseModel)
@@ -149,6 +150,31 @@ class CoordinatorClient:
         # duplicate with the original receipt.
         return self._call("PUT", f"/v1/runs/{run_id}/rounds/{number}/updates/{client_id}",
                           UpdateReceipt, content=body)
+
+    # -- secure aggregation (each PUT is safe to retry: the same body is answered as a duplicate)
+
+    def _secagg(self, run_id: str, number: int, what: str) -> str:
+        return f"/v1/runs/{run_id}/rounds/{number}/secagg/{what}"
+
+    def advertise_keys(self, run_id: str, number: int, client_id: str, advert: KeyAdvert) -> Any:
+        return self._call("PUT", self._secagg(run_id, number, f"keys/{client_id}"), json=advert.model_dump(mode="json"))
+
+    def neighbourhood(self, run_id: str, number: int) -> Neighbourhood:
+        return self._call("GET", self._secagg(run_id, number, "neighbourhood"), Neighbourhood)
+
+    def deal_shares(self, run_id: str, number: int, client_id: str, bundle: ShareBundle) -> Any:
+        return self._call("PUT", self._secagg(run_id, number, f"shares/{client_id}"),
+                          json=bundle.model_dump(mode="json"))
+
+    def inbox(self, run_id: str, number: int) -> Inbox:
+        return self._call("GET", self._secagg(run_id, number, "inbox"), Inbox)
+
+    def unmask_request(self, run_id: str, number: int) -> UnmaskRequest:
+        return self._call("GET", self._secagg(run_id, number, "unmask"), UnmaskRequest)
+
+    def reveal(self, run_id: str, number: int, client_id: str, reveal: Reveal) -> Any:
+        return self._call("PUT", self._secagg(run_id, number, f"reveals/{client_id}"),
+                          json=reveal.model_dump(mode="json"))
 
     def report_build(self, run_id: str, report: DeviceBuildReport) -> Any:
         """Tell the coordinator of an edge build this device made of its own SLM (its manifest;

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from common.private_file import write_private
 from common.protocol import (
     META_KIND,
@@ -30,6 +32,7 @@ from common.protocol import (
     RoundState,
     RunState,
 )
+from common.secagg.ring import layout_of
 from common.tensorfile import save_arrays
 from edge_sdk.client import CoordinatorClient, CoordinatorError
 from edge_sdk.doctor import check_install
@@ -207,7 +210,10 @@ class EdgeWorker:
                 return result
             if info.task.builds:  # known only once enrolled; still before any training
                 check_install(builds=True)
-            if info.state in _ACCEPTING and not info.submitted:
+            if info.task.secure_aggregation is not None:
+                if self._secure_step(creds, info, result):
+                    continue
+            elif info.state in _ACCEPTING and not info.submitted:
                 if self._take_part(creds, info):
                     result.rounds_trained.append(info.round)
                 continue
@@ -216,10 +222,73 @@ class EdgeWorker:
                 waiting_logged = info.round
             time.sleep(self.config.poll_s * self._rng.uniform(0.8, 1.2))
 
-    def _take_part(self, creds: ClientCredentials, info: RoundInfo) -> bool:
+    def _secure_step(self, creds: ClientCredentials, info: RoundInfo, result: JoinResult) -> bool:
+        """One step of a secure-aggregation round (edge_sdk/secagg.py); True if anything was sent.
+        A device that missed a phase sits the round out: the coordinator no longer counts it."""
+        try:
+            from edge_sdk.secagg import check_secagg_install
+
+            check_secagg_install()
+        except ImportError as exc:
+            raise RuntimeError(f"this run uses secure aggregation, which this install cannot do ({exc}); install "
+                               "it with: pip install 'cotune[secagg]'") from None
+        from edge_sdk.secagg import SecureSession
+
+        marks = self.state_dir / f"secagg-{creds.run_id}-{info.round}.progress"
+        done = set(marks.read_text().split()) if marks.exists() else set()
+        if "out" in done:
+            return False
+
+        def mark(step: str) -> None:
+            marks.write_text(" ".join(sorted(done | {step})))
+
+        for old in self.state_dir.glob(f"secagg-{creds.run_id}-*"):  # finished rounds' secrets go
+            if not old.name.startswith(f"secagg-{creds.run_id}-{info.round}."):
+                old.unlink(missing_ok=True)
+        session = SecureSession(self.state_dir / f"secagg-{creds.run_id}-{info.round}.json", creds.run_id,
+                                info.round, creds.client_id, info.task.secure_aggregation)
+        run_id, number, me = creds.run_id, info.round, creds.client_id
+        try:
+            if info.state == RoundState.keys and "keys" not in done:
+                self.client.advertise_keys(run_id, number, me, session.advert())
+                mark("keys")
+                return True
+            if info.state == RoundState.shares and "shares" not in done:
+                self.client.deal_shares(run_id, number, me, session.deal(self.client.neighbourhood(run_id, number)))
+                mark("shares")
+                return True
+            if info.state == RoundState.collecting and not info.submitted and "shares" in done:
+                inbox = self.client.inbox(run_id, number)
+
+                def masked(payload: UpdatePayload) -> UpdatePayload:
+                    layout = layout_of({k: (np.shape(v), "") for k, v in payload.arrays.items()})
+                    arrays, clipped = session.masked(payload.arrays, layout, payload.num_samples, inbox)
+                    if clipped:
+                        self.say(f"round {number}: {clipped} update values were clipped to the run's range "
+                                 f"[-{info.task.secure_aggregation.clip}, {info.task.secure_aggregation.clip}]")
+                    return UpdatePayload(arrays=arrays, num_samples=payload.num_samples, metrics=payload.metrics)
+
+                if self._take_part(creds, info, masked):
+                    result.rounds_trained.append(number)
+                return True
+            if info.state == RoundState.unmasking and info.submitted and "reveal" not in done:
+                self.client.reveal(run_id, number, me, session.reveal(self.client.unmask_request(run_id, number)))
+                mark("reveal")
+                return True
+        except CoordinatorError as exc:
+            if exc.code not in ("secagg_not_in_round", "secagg_wrong_phase", "round_closed"):
+                raise
+            self.say(f"round {number}: sitting this round out ({exc.message})")
+            mark("out")
+        return False
+
+    def _take_part(self, creds: ClientCredentials, info: RoundInfo,
+                   transform: Callable[[UpdatePayload], UpdatePayload] | None = None) -> bool:
         pending = self.state_dir / f"pending-{creds.run_id}-{info.round}.safetensors"
         if not pending.exists():
             payload = self.handler(info.task.kind).run(info)
+            if transform is not None:
+                payload = transform(payload)
             tmp = pending.with_suffix(".tmp")
             tmp.write_bytes(encode_update(payload, info.task.kind))
             os.replace(tmp, pending)

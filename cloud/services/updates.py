@@ -21,6 +21,7 @@ from cloud import telemetry
 from cloud.errors import MAX_LISTED_ERRORS, ApiError, field_problem, forbidden, not_found
 from cloud.services.auth import check_member
 from cloud.services.runs import RunsService
+from cloud.services.secagg import SecaggService
 from cloud.state import CoordinatorState
 from cloud.state.records import ClientRecord, Direction, RoundRecord, RunRecord, UpdateOutcome, UpdateRecord
 from cloud.store import BlobStore, sync_file
@@ -39,10 +40,12 @@ _MAX_MESSAGE = 300
 
 
 class UpdatesService:
-    def __init__(self, state: CoordinatorState, store: BlobStore, runs: RunsService) -> None:
+    def __init__(self, state: CoordinatorState, store: BlobStore, runs: RunsService,
+                 secagg: SecaggService | None = None) -> None:
         self.state = state
         self.store = store
         self.runs = runs
+        self.secagg = secagg
 
     @telemetry.counts_updates
     def check_can_upload(self, client: ClientRecord, run_id: str, number: int, client_id: str) -> None:
@@ -51,22 +54,39 @@ class UpdatesService:
         if client_id != client.id:
             raise forbidden("a client may only upload its own update", "use the client id your enrollment returned")
         run = self.runs.get(run_id)
-        _check_round_accepts(run, self.state.get_round(run_id, number), number)
+        rnd = self.state.get_round(run_id, number)
+        self._check_secure(client, run, rnd)
+        _check_round_accepts(run, rnd, number)
+
+    def _check_secure(self, client: ClientRecord, run: RunRecord, rnd: RoundRecord | None) -> None:
+        """Under secure aggregation, a masked update is taken only in `collecting`, and only from a
+        device whose shares are in the round (cloud/services/secagg.py)."""
+        if run.spec.get("secure_aggregation") is None or rnd is None or run.state != RunState.running:
+            return
+        if self.secagg is None:
+            raise RuntimeError("a run with secure aggregation needs the coordinator's SecaggService")
+        self.secagg.check_masked_upload(client, run, rnd)
 
     @telemetry.counts_updates
     def accept_update(self, client: ClientRecord, run_id: str, number: int, body: Path) -> UpdateReceipt:
         """Check a spooled upload in full, then record it once; a refused upload changes nothing."""
         run = self.runs.get(run_id)
         rnd = self.state.get_round(run_id, number)
+        self._check_secure(client, run, rnd)
         _check_round_accepts(run, rnd, number)
         strategy = self.runs.strategy(run)
+        secure = strategy.spec.secure_aggregation is not None
         try:
             header = read_header(body)
-            check_schema(header, strategy.update_schema(dict(rnd.inputs)))
-            arrays = load_arrays(body, header)
-            check_finite(arrays)
-            strategy.check_update(arrays, dict(rnd.inputs))
-            del arrays  # memory-mapped views of the spooled body
+            schema = strategy.update_schema(dict(rnd.inputs))
+            # Masked values are elements of Z_2^64, carried as int64 with the adapter's names and
+            # shapes; nothing about them can be checked one by one (that is the point).
+            check_schema(header, {k: (shape, "I64") for k, (shape, _dt) in schema.items()} if secure else schema)
+            if not secure:
+                arrays = load_arrays(body, header)
+                check_finite(arrays)
+                strategy.check_update(arrays, dict(rnd.inputs))
+                del arrays  # memory-mapped views of the spooled body
         except TensorFileError as exc:
             raise ApiError(422, exc.code, _bounded(exc.message), exc.hint) from None
         most = strategy.spec.max_samples_per_update

@@ -24,9 +24,12 @@ from cloud.state.records import (
     RoundEventRecord,
     RoundRecord,
     RunRecord,
+    SecaggMessage,
+    SecaggShare,
     StateCounts,
     TransferTotal,
     UpdateInsert,
+    UpdateOutcome,
     UpdateRecord,
 )
 from common.protocol import RoundState, RunState
@@ -186,6 +189,28 @@ class CoordinatorState(ABC):
 
     @abstractmethod
     def count_updates(self, run_id: str, number: int) -> int: ...
+
+    # -- secure aggregation ----------------------------------------------------------------
+
+    @abstractmethod
+    def put_secagg_message(self, message: SecaggMessage, phase_state: RoundState,
+                           shares: Sequence[SecaggShare] = (), public_keys: Sequence[str] = ()) -> UpdateOutcome:
+        """Keep a device's message for one phase of a secure-aggregation round, once, while the
+        round is in `phase_state` and its run is running; with it, in the same transaction, the
+        shares it deals and the public keys it advertises.
+
+        The round's state is checked under the same lock as `insert_update`, so once the round
+        has left the phase its set of senders is final. The same body again is `duplicate`,
+        another body `conflict`, a public key seen before in any round `reused`, a round that
+        left the phase `closed`; none of those changes anything."""
+
+    @abstractmethod
+    def list_secagg_messages(self, run_id: str, number: int, phase: str) -> list[SecaggMessage]:
+        """The round's messages of one phase, in the order they were kept."""
+
+    @abstractmethod
+    def secagg_shares_for(self, run_id: str, number: int, recipient: str) -> list[SecaggShare]:
+        """The shares dealt to `recipient` in the round, by sender."""
 
     # -- artifacts -------------------------------------------------------------------------
 

@@ -111,6 +111,8 @@ class UpdateOutcome(str, enum.Enum):
     conflict = "conflict"
     # The round (or the run) stopped taking updates before this one committed.
     closed = "closed"
+    # Secure aggregation: a public key that was advertised before (in any round): refused.
+    reused = "reused"
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,32 @@ class UpdateInsert:
     outcome: UpdateOutcome
     # The update now in the round for this client (the earlier one unless accepted); None if closed.
     update: UpdateRecord | None
+
+
+@dataclass(frozen=True)
+class SecaggMessage:
+    """A device's message in one phase of a secure-aggregation round (ARCHITECTURE.md, "Secure
+    aggregation"): its checked body as JSON, and that body's digest (a resend of the same body is
+    a duplicate, another body a conflict)."""
+
+    run_id: str
+    round: int
+    client_id: str
+    phase: str  # "keys" | "shares" | "reveal"
+    body: dict[str, Any]
+    digest: str
+
+
+@dataclass(frozen=True)
+class SecaggShare:
+    """One encrypted share a device dealt to a neighbour, routed by the coordinator, with the
+    commitments a revealed share is checked against."""
+
+    sender: str
+    recipient: str
+    ciphertext: str  # base64
+    seed_commitment: str
+    key_commitment: str
 
 
 @dataclass(frozen=True)

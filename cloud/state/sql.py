@@ -33,13 +33,29 @@ from cloud.state.records import (
     RoundEventRecord,
     RoundRecord,
     RunRecord,
+    SecaggMessage,
+    SecaggShare,
     StateCounts,
     TransferTotal,
     UpdateInsert,
     UpdateOutcome,
     UpdateRecord,
 )
-from cloud.state.tables import Artifact, Base, Build, Client, Round, RoundEvent, Run, Transfer, Update, utcnow
+from cloud.state.tables import (
+    Artifact,
+    Base,
+    Build,
+    Client,
+    Round,
+    RoundEvent,
+    Run,
+    SecaggKeyRow,
+    SecaggMessageRow,
+    SecaggShareRow,
+    Transfer,
+    Update,
+    utcnow,
+)
 from common.protocol import RoundState, RunState
 
 MEMORY_URL = "sqlite://"
@@ -389,6 +405,50 @@ class SqlState(CoordinatorState):
     def count_updates(self, run_id: str, number: int) -> int:
         with self._tx() as s:
             return s.scalar(select(func.count()).select_from(_updates_query(run_id, number).subquery())) or 0
+
+    # -- secure aggregation ----------------------------------------------------------------
+
+    def put_secagg_message(self, message: SecaggMessage, phase_state: RoundState,
+                           shares: Sequence[SecaggShare] = (), public_keys: Sequence[str] = ()) -> UpdateOutcome:
+        with self._tx(write=True) as s:
+            # As in insert_update: a write first takes the round's lock, so the state read below
+            # holds until commit and no transition slips between the check and the insert.
+            s.execute(Round.__table__.update().where(Round.run_id == message.run_id, Round.number == message.round)
+                      .values(state=Round.state))
+            run = s.get(Run, message.run_id)
+            rnd = s.scalar(_round_query(message.run_id, message.round))
+            if run is None or rnd is None or run.state != RunState.running.value or rnd.state != phase_state.value:
+                return UpdateOutcome.closed
+            previous = s.scalar(select(SecaggMessageRow).where(
+                SecaggMessageRow.round_id == rnd.id, SecaggMessageRow.client_id == message.client_id,
+                SecaggMessageRow.phase == message.phase))
+            if previous is not None:
+                return UpdateOutcome.duplicate if previous.digest == message.digest else UpdateOutcome.conflict
+            if public_keys and s.scalar(select(SecaggKeyRow.id).where(SecaggKeyRow.public_key.in_(list(public_keys)))):
+                return UpdateOutcome.reused
+            s.add(SecaggMessageRow(round_id=rnd.id, client_id=message.client_id, phase=message.phase,
+                                   body=dict(message.body), digest=message.digest))
+            s.add_all(SecaggKeyRow(public_key=key, round_id=rnd.id) for key in public_keys)
+            s.add_all(SecaggShareRow(round_id=rnd.id, sender=sh.sender, recipient=sh.recipient,
+                                     ciphertext=sh.ciphertext, seed_commitment=sh.seed_commitment,
+                                     key_commitment=sh.key_commitment) for sh in shares)
+        return UpdateOutcome.accepted
+
+    def list_secagg_messages(self, run_id: str, number: int, phase: str) -> list[SecaggMessage]:
+        with self._tx() as s:
+            rows = s.scalars(select(SecaggMessageRow).join(Round, Round.id == SecaggMessageRow.round_id)
+                             .where(Round.run_id == run_id, Round.number == number, SecaggMessageRow.phase == phase)
+                             .order_by(SecaggMessageRow.id))
+            return [SecaggMessage(run_id=run_id, round=number, client_id=r.client_id, phase=r.phase,
+                                  body=dict(r.body), digest=r.digest) for r in rows]
+
+    def secagg_shares_for(self, run_id: str, number: int, recipient: str) -> list[SecaggShare]:
+        with self._tx() as s:
+            rows = s.scalars(select(SecaggShareRow).join(Round, Round.id == SecaggShareRow.round_id)
+                             .where(Round.run_id == run_id, Round.number == number,
+                                    SecaggShareRow.recipient == recipient).order_by(SecaggShareRow.sender))
+            return [SecaggShare(sender=r.sender, recipient=r.recipient, ciphertext=r.ciphertext,
+                                seed_commitment=r.seed_commitment, key_commitment=r.key_commitment) for r in rows]
 
     # -- artifacts -------------------------------------------------------------------------
 

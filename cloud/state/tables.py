@@ -1,5 +1,5 @@
 """The coordinator's tables (SQLAlchemy 2): runs, rounds, round events, clients, updates,
-artifacts, builds and transfers. Only cloud/state/sql.py uses them (ARCHITECTURE.md,
+secure-aggregation messages, artifacts, builds and transfers. Only cloud/state/sql.py uses them (ARCHITECTURE.md,
 "State interface"); everything else sees the records of records.py.
 """
 
@@ -111,6 +111,48 @@ class Update(Base):
     num_samples: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SecaggMessageRow(Base):
+    """A device's message in one phase of a secure-aggregation round (keys, shares, reveal)."""
+
+    __tablename__ = "secagg_messages"
+    __table_args__ = (UniqueConstraint("round_id", "client_id", "phase"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    digest: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SecaggShareRow(Base):
+    """An encrypted share in transit from one device to a neighbour."""
+
+    __tablename__ = "secagg_shares"
+    __table_args__ = (UniqueConstraint("round_id", "sender", "recipient"),
+                      Index("ix_secagg_shares_recipient", "round_id", "recipient"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    sender: Mapped[str] = mapped_column(ForeignKey("clients.id"))
+    recipient: Mapped[str] = mapped_column(ForeignKey("clients.id"))
+    ciphertext: Mapped[str] = mapped_column(Text)
+    seed_commitment: Mapped[str] = mapped_column(String(64))
+    key_commitment: Mapped[str] = mapped_column(String(64))
+
+
+class SecaggKeyRow(Base):
+    """Every public key ever advertised, so a key (and any message made with it) cannot be
+    replayed into another round."""
+
+    __tablename__ = "secagg_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
 
 
 class Artifact(Base):

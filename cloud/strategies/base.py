@@ -18,17 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from cloud.models import ModelHolder
+from cloud.secure.spec import device_task, secure_aggregation_problem
 from cloud.store import BlobStore
 from cloud.strategies.aggregation import Aggregate, UpdateFile, weighted_mean
 from cloud.strategies.aggregation import aggregate as aggregate_updates
 from cloud.strategies.lora_products import check_frozen_factors, lora_aggregation_problem
 from common.methods import MethodContract
 from common.methods.reports import checked_metrics
+from common.ml.lora import frozen_factor
 from common.protocol import AggregationRule, ClientRegistration, ClientTask, LoraSpec, RunSpec
-from common.tensorfile import Schema, load_arrays, read_header, schema_of
+from common.tensorfile import DTYPES, Schema, load_arrays, read_header, schema_of
 
 P = TypeVar("P", bound=BaseModel)
 log = logging.getLogger("cotune.strategies")
@@ -108,6 +111,9 @@ class Strategy(ABC):
         trained further. Uploads of other values (`contract.update_tensors`, e.g. CrossLM's
         per-sample scores) take the weighted mean only, unless their strategy overrides this.
         """
+        problem = secure_aggregation_problem(spec)
+        if problem is not None:
+            raise SpecError(problem)
         agg = spec.aggregation
         what = (f"{cls.name} devices upload {', '.join(cls.contract.update_tensors)}, not an adapter"
                 if cls.contract.update_tensors else None)
@@ -181,7 +187,7 @@ class Strategy(ABC):
         builds = list(self.spec.builds) if self.contract.builds_on == "device" else []
         return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
                           seed=self.round_seed(round_number), params=self.contract.device_params(self.params),
-                          privacy=self.spec.privacy, builds=builds)
+                          privacy=self.spec.privacy, secure_aggregation=device_task(self.spec), builds=builds)
 
     def update_schema(self, inputs: dict[str, str]) -> Schema:
         """Uploads must have exactly the tensors of the adapter the round published."""
@@ -203,6 +209,20 @@ class Strategy(ABC):
         # computed; under a secure aggregation that reveals only the sum it would be turned off.
         return aggregate_updates(updates, self.update_schema(dict(inputs)), agg, max_samples,
                                  reference=reference, scratch=self._scratch(), lora=lora, factor_gap=True)
+
+    def aggregate_mean(self, mean: Mapping[str, np.ndarray], inputs: Mapping[str, str],
+                       figures: dict[str, Any]) -> Aggregate:
+        """The round's aggregate from the weighted mean a secure aggregation unmasked (float64,
+        by tensor name): cast to the update's dtypes, and under 'ffa' every lora_A taken from the
+        round's start (what devices sent for A never counts: it cannot be checked one by one)."""
+        schema = self.update_schema(dict(inputs))
+        arrays = {name: np.asarray(mean[name], dtype=np.dtype(DTYPES[dtype])) for name, (_shape, dtype) in
+                  schema.items()}
+        if self.spec.lora.aggregation == "ffa" and not self.contract.update_tensors:
+            reference = self.store.path(inputs[self.update_artifact])
+            start = load_arrays(reference, read_header(reference))
+            arrays.update({k: np.array(start[k]) for k in arrays if frozen_factor(k, "ffa")})
+        return Aggregate(arrays=arrays, figures=figures)
 
     def check_update(self, arrays: Mapping[str, Any], inputs: Mapping[str, str]) -> None:
         """Refuse (TensorFileError, answered 422) an upload this run's LoRA aggregation cannot take:

@@ -89,7 +89,8 @@ def serve(
     state_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://...")
     ] = None,
-    artifact_dir: Annotated[Path | None, typer.Option(help="content-addressed blob directory")] = None,
+    artifact_dir: Annotated[str | None, typer.Option(
+        help="content-addressed blob store: a directory, or s3://bucket/prefix")] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="COTUNE_ADMIN_TOKEN", help="admin bearer token")] = None,
     run_name: Annotated[str | None, typer.Option(help="create this run at start-up (with --slm)")] = None,
     algorithm: Annotated[str | None, typer.Option(help="fedavg | fedcollm | co-plms | crosslm")] = None,
@@ -123,7 +124,7 @@ def serve(
     from cloud.auth import new_token
     from cloud.logs import configure_logging
     from cloud.settings import check_tls, load_settings
-    from cloud.startup import admin_token_path, write_secret
+    from cloud.startup import admin_token_path, check_artifact_store, write_secret
 
     _threads(threads)
     run: dict[str, Any] = {k: v for k, v in {
@@ -138,6 +139,7 @@ def serve(
     )
     configure_logging(settings.log_level, settings.log_format)
     check_tls(settings)
+    check_artifact_store(settings)
     if settings.admin_token is None:
         settings.admin_token = new_token()
         token_file = admin_token_path(settings)
@@ -257,6 +259,9 @@ def bench_load(
     clients: Annotated[str, typer.Option(help="comma-separated numbers of simulated devices")] = "10,100,1000",
     concurrency: Annotated[int, typer.Option(help="devices in flight at once")] = 32,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("results/load"),
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="measure instead what secure aggregation costs: bytes and seconds per "
+        "device and the coordinator's seconds per round, with and without it")] = False,
 ) -> None:
     """Load a live coordinator with N simulated devices (register, poll, download, upload 1 MiB).
 
@@ -266,9 +271,15 @@ def bench_load(
     from cotune.cli.benchmarks_path import use_checkout_benchmarks
 
     use_checkout_benchmarks()
+    ns = [int(x) for x in clients.split(",")]
+    if secure_aggregation:
+        from benchmarks.secagg_load import run_secagg_benchmark
+
+        run_secagg_benchmark(ns, out)
+        return
     from benchmarks.coordinator_load import run_load_benchmark
 
-    run_load_benchmark([int(x) for x in clients.split(",")], out, concurrency)
+    run_load_benchmark(ns, out, concurrency)
 
 
 def main() -> None:
