@@ -97,14 +97,16 @@ class SecureSession:
             raise SecureAggregationRefused("the coordinator listed a neighbour twice, or this device as its own")
         if not ids:
             raise SecureAggregationRefused("the coordinator gave this device no neighbours to share its secrets with")
-        expected = default_threshold(len(ids), self.task.threshold_fraction)
+        # k neighbours and this device hold shares: it keeps the last one (index k + 1).
+        expected = default_threshold(len(ids) + 1, self.task.threshold_fraction)
         if hood.threshold != expected:
             raise SecureAggregationRefused(
                 f"the coordinator set the sharing threshold to {hood.threshold} for {len(ids)} neighbours; the run's "
                 f"threshold fraction {self.task.threshold_fraction} makes it {expected}")
         order = sorted(ids)
-        seed_shares = shamir.split(_raw(self.data["seed"]), hood.threshold, len(order))
-        key_shares = shamir.split(self._mask_key, hood.threshold, len(order))
+        seed_shares = shamir.split(_raw(self.data["seed"]), hood.threshold, len(order) + 1)
+        key_shares = shamir.split(self._mask_key, hood.threshold, len(order) + 1)
+        own_index = len(order) + 1
         dealt = []
         peers = {}
         for n in hood.neighbours:
@@ -122,7 +124,10 @@ class SecureSession:
             dealt.append(DealtShare(to=n.client_id, ciphertext=blob, seed_commitment=commit("seed", seed),
                                     key_commitment=commit("key", key)))
             peers[n.client_id] = {"encryption": _b64(n.encryption), "masking": _b64(n.masking)}
-        bundle = ShareBundle(shares=dealt)
+        own = seed_shares[own_index - 1]
+        bundle = ShareBundle(shares=dealt, own_seed_commitment=crypto.commitment(
+            self.run_id, self.number, "seed", self.client_id, self.client_id, own_index, own))
+        self.data["own_seed_share"] = _b64(own)
         self.data["neighbours"] = peers
         self.data["dealt"] = bundle.model_dump(mode="json")
         self._save()
@@ -191,5 +196,6 @@ class SecureSession:
                                            "device does not hold")
         self.data["revealed"] = {"uploaded": sorted(uploaded), "dropped": sorted(dropped)}
         self._save()
-        return Reveal(seed_shares={c: _raw(received[c]["seed"]) for c in sorted(uploaded)},
-                      key_shares={c: _raw(received[c]["key"]) for c in sorted(dropped)})
+        seeds = {c: _raw(received[c]["seed"]) for c in sorted(uploaded)}
+        seeds[self.client_id] = _raw(self.data["own_seed_share"])  # it uploaded: its own seed is asked for
+        return Reveal(seed_shares=seeds, key_shares={c: _raw(received[c]["key"]) for c in sorted(dropped)})

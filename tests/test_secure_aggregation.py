@@ -187,6 +187,9 @@ def test_dropouts_at_every_phase_and_a_late_device(world, tmp_path) -> None:
         assert status["state"] == "finished", status["error"]
         secure = status["rounds"][-1]["metrics"]["aggregation"]["secure_aggregation"]
         assert (secure["members"], secure["dealers"], secure["uploaders"]) == (6, 6, 5)
+        # Six members, each with five neighbours: a secret has six holders and needs four shares,
+        # and exactly four devices answered the unmask phase: the fewest the round can end with.
+        assert (secure["neighbours"], secure["threshold"]) == (5, 4)
         assert secure["rebuilt_keys"] == 1  # after_shares' masking key, to take its pairwise masks out
         final = final_adapter(coord.url, coord.admin, devices[0].run_id, tmp_path / "final.safetensors")
         _close(final, weighted_mean(updates, weights), error_bound(secure["fraction_bits"]) + 1e-6)

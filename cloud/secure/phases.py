@@ -57,7 +57,9 @@ class SecureRound:
 
     @cached_property
     def threshold(self) -> int:
-        return default_threshold(self.degree, self.settings.threshold_fraction)
+        # A device's secrets have k + 1 holders: its k neighbours and itself (Bonawitz et al. keep
+        # a share with the dealer too, so a round completes while t devices remain).
+        return default_threshold(self.degree + 1, self.settings.threshold_fraction)
 
     @cached_property
     def dealers(self) -> list[str]:
@@ -70,8 +72,16 @@ class SecureRound:
         return [u.client_id for u in self.state.list_updates(self.run_id, self.number)]
 
     def index(self, holder: str, of: str) -> int:
-        """The 1-based share index `holder` has in `of`'s dealing: its place among `of`'s neighbours."""
-        return self.graph[of].index(holder) + 1
+        """The 1-based share index `holder` has in `of`'s dealing: its place among `of`'s neighbours,
+        or k + 1 for the share `of` keeps itself."""
+        near = self.graph[of]
+        return len(near) + 1 if holder == of else near.index(holder) + 1
+
+    @cached_property
+    def own_commitments(self) -> dict[str, str]:
+        """dealer -> commitment to the seed share it kept itself (revealed once it uploaded)."""
+        return {m.client_id: m.body["own_seed_commitment"]
+                for m in self.state.list_secagg_messages(self.run_id, self.number, SHARES)}
 
     def unmask_request(self, client: str) -> tuple[list[str], list[str]]:
         """(uploaded, dropped): the client's neighbours that dealt shares, split by whether they

@@ -149,7 +149,8 @@ class SecaggService:
         rows = [SecaggShare(sender=client.id, recipient=s.to, ciphertext=base64.b64encode(s.ciphertext).decode(),
                             seed_commitment=s.seed_commitment, key_commitment=s.key_commitment)
                 for s in bundle.shares]
-        message = SecaggMessage(run_id, number, client.id, SHARES, {"to": got}, _digest(bundle))
+        body = {"to": got, "own_seed_commitment": bundle.own_seed_commitment}
+        message = SecaggMessage(run_id, number, client.id, SHARES, body, _digest(bundle))
         return _answer(self.state.put_secagg_message(message, RoundState.shares, shares=rows), "shares", number,
                        rnd.state)
 
@@ -189,9 +190,9 @@ class SecaggService:
         if client.id not in sec.uploaders:
             raise _not_member(number, "uploaded no masked update")
         uploaded, dropped = sec.unmask_request(client.id)
-        if sorted(reveal.seed_shares) != sorted(uploaded) or sorted(reveal.key_shares) != sorted(dropped):
-            raise ApiError(422, "secagg_bad_reveal", "the reveal must hold a seed share for exactly the neighbours "
-                           "that uploaded and a masking-key share for exactly those that dropped",
+        if sorted(reveal.seed_shares) != sorted([*uploaded, client.id]) or sorted(reveal.key_shares) != sorted(dropped):
+            raise ApiError(422, "secagg_bad_reveal", "the reveal must hold a seed share for exactly this client and "
+                           "the neighbours that uploaded, and a masking-key share for exactly those that dropped",
                            "answer the sets GET .../secagg/unmask lists")
         dealt = {s.sender: s for s in self.state.secagg_shares_for(run_id, number, client.id)}
         self._check_shares(run_id, number, client.id, sec, "seed", reveal.seed_shares, dealt)
@@ -205,7 +206,10 @@ class SecaggService:
                       shares: dict[str, bytes], dealt: dict[str, SecaggShare]) -> None:
         for sender, share in shares.items():
             row = dealt.get(sender)
-            expected = None if row is None else (row.seed_commitment if kind == "seed" else row.key_commitment)
+            if sender == holder:  # the seed share the dealer kept itself
+                expected = sec.own_commitments.get(holder) if kind == "seed" else None
+            else:
+                expected = None if row is None else (row.seed_commitment if kind == "seed" else row.key_commitment)
             got = crypto.commitment(run_id, number, kind, sender, holder, sec.index(holder, sender), share)
             if got != expected:
                 raise ApiError(422, "secagg_bad_share", f"the {kind} share of {sender} is not the one {sender} dealt "

@@ -86,9 +86,11 @@ class DealtShare(_Strict):
 
 
 class ShareBundle(_Strict):
-    """Phase `shares`: one encrypted share for every neighbour, none for anyone else."""
+    """Phase `shares`: one encrypted share for every neighbour, none for anyone else, and the
+    commitment to the seed share the device keeps (index k + 1), which it reveals itself."""
 
     shares: list[DealtShare] = Field(max_length=MAX_NEIGHBOURS)
+    own_seed_commitment: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class ReceivedShare(BaseModel):
@@ -114,7 +116,8 @@ class UnmaskRequest(BaseModel):
 
 class Reveal(_Strict):
     """The device's answer: exactly one share per neighbour named in the request, of the seed
-    for those that uploaded and of the masking key for those that dropped."""
+    for those that uploaded and of the masking key for those that dropped, and the share of its
+    own seed it kept."""
 
     seed_shares: dict[ClientId, Share] = Field(default_factory=dict, max_length=MAX_NEIGHBOURS)
     key_shares: dict[ClientId, Share] = Field(default_factory=dict, max_length=MAX_NEIGHBOURS)
