@@ -94,7 +94,9 @@ class TrainSpec(_Strict):
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
-    max_len: int = Field(64, ge=8)
+    max_len: int = Field(
+        512, ge=8, le=32_768, description="tokens per training sequence (prompt, chat template and reply); "
+        "longer records are cut at the end, counted as truncated_records in the training report")
     max_steps: int | None = Field(None, ge=1)
 
 
@@ -220,7 +222,9 @@ class RunSpec(_Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     aux_data: str | None = Field(None, description="JSONL public auxiliary data (server side)")
     eval_data: str | None = Field(None, description="JSONL held-out data the server scores on")
-    eval_max_new_tokens: int = Field(24, ge=1, le=512)
+    eval_max_new_tokens: int = Field(
+        256, ge=1, le=4096, description="generation budget of the server's evaluation (and pseudo-labels); "
+        "answers it cuts are counted as truncated_answers")
     privacy: PrivacySpec | None = Field(None, description="local DP on every device update")
     builds: list[str] = Field(
         default_factory=list, max_length=16,
@@ -237,6 +241,9 @@ class RunSpec(_Strict):
     secure_aggregation: SecureAggregationSpec | None = Field(
         None, description="true (or settings): devices upload masked updates and the coordinator learns only "
         "their weighted sum (SecAgg+); refused with rules or checks that need each update on its own")
+    update_encoding: Literal["fp32", "fp16", "int8-tensor", "int8-row"] = Field(
+        "fp32", description="how updates travel (common/encoding.py): fp32 as trained; fp16, or int8 with one "
+        "scale per tensor or per row, of the change from the round's start (2 or about 1 byte per value)")
     enroll_token: str | None = Field(
         None, min_length=16, description="token devices enroll with; generated when absent"
     )
@@ -318,6 +325,9 @@ class ClientTask(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     privacy: PrivacySpec | None = None
     secure_aggregation: SecureAggregationTask | None = None
+    update_encoding: str = Field("fp32", description="common/encoding.py: how the device encodes its upload")
+    update_base: str | None = Field(
+        None, description="the artifact whose tensors an encoded upload is the change from; none: from zero")
     builds: list[str] = Field(
         default_factory=list, max_length=16,
         description="edge builds the device makes of its own final model when the run ends, e.g. "

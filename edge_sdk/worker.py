@@ -39,6 +39,7 @@ from edge_sdk.doctor import check_install
 from edge_sdk.handlers import DeviceContext, FinalArtifacts, TaskHandler, UpdatePayload, handler_for, task_kinds
 from edge_sdk.paths import check_name, safe_join
 from edge_sdk.profile import detect_profile
+from edge_sdk.update_encoding import encode_payload
 
 log = logging.getLogger("cotune.edge")
 
@@ -214,7 +215,7 @@ class EdgeWorker:
                 if self._secure_step(creds, info, result):
                     continue
             elif info.state in _ACCEPTING and not info.submitted:
-                if self._take_part(creds, info):
+                if self._take_part(creds, info, self._encoder(info)):
                     result.rounds_trained.append(info.round)
                 continue
             if waiting_logged != info.round:
@@ -281,6 +282,12 @@ class EdgeWorker:
             self.say(f"round {number}: sitting this round out ({exc.message})")
             mark("out")
         return False
+
+    def _encoder(self, info: RoundInfo) -> Callable[[UpdatePayload], UpdatePayload] | None:
+        """The run's update encoding (common/encoding.py) as a step after the handler; None for fp32."""
+        if info.task.update_encoding == "fp32":
+            return None
+        return lambda payload: encode_payload(payload, info, self.ctx.cache)
 
     def _take_part(self, creds: ClientCredentials, info: RoundInfo,
                    transform: Callable[[UpdatePayload], UpdatePayload] | None = None) -> bool:

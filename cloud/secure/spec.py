@@ -37,6 +37,9 @@ def secure_aggregation_problem(spec: RunSpec) -> str | None:
                           "must apply before masking)")
     if spec.lora.aggregation == "svd":
         needs_each.append("lora.aggregation 'svd' (the products B·A of each update)")
+    if spec.update_encoding != "fp32":
+        needs_each.append(f"update_encoding {spec.update_encoding!r} (secure aggregation has its own fixed-point "
+                          "encoding, 8 bytes per value)")
     if needs_each:
         return ("secure_aggregation reveals only the sum of a round's updates, and these need each update on its "
                 f"own: {'; '.join(needs_each)}. Remove them, or turn secure_aggregation off")

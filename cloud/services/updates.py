@@ -28,7 +28,7 @@ from cloud.store import BlobStore, sync_file
 from cloud.strategies import Strategy
 from common.digest import file_sha256
 from common.protocol import META_METRICS, META_NUM_SAMPLES, RoundState, RunState, UpdateReceipt
-from common.tensorfile import TensorFileError, check_finite, check_schema, load_arrays, read_header
+from common.tensorfile import TensorFileError, check_finite, check_schema, read_header
 
 log = logging.getLogger("cotune.updates")
 
@@ -78,12 +78,13 @@ class UpdatesService:
         secure = strategy.spec.secure_aggregation is not None
         try:
             header = read_header(body)
-            schema = strategy.update_schema(dict(rnd.inputs))
-            # Masked values are elements of Z_2^64, carried as int64 with the adapter's names and
-            # shapes; nothing about them can be checked one by one (that is the point).
-            check_schema(header, {k: (shape, "I64") for k, (shape, _dt) in schema.items()} if secure else schema)
-            if not secure:
-                arrays = load_arrays(body, header)
+            if secure:
+                # Masked values are elements of Z_2^64, carried as int64 with the adapter's names and
+                # shapes; nothing about them can be checked one by one (that is the point).
+                schema = strategy.update_schema(dict(rnd.inputs))
+                check_schema(header, {k: (shape, "I64") for k, (shape, _dt) in schema.items()})
+            else:
+                arrays = strategy.read_update(body, dict(rnd.inputs))  # decoded, under an update encoding
                 check_finite(arrays)
                 strategy.check_update(arrays, dict(rnd.inputs))
                 del arrays  # memory-mapped views of the spooled body

@@ -40,6 +40,8 @@ BLOCK_BYTES = 32 * 2**20
 Arrays = Mapping[str, np.ndarray]
 Reducer = Callable[[np.ndarray], np.ndarray]
 Check = Callable[[Arrays], None]
+# Reads one update as float32 tensors of the schema (an encoded upload decoded: common/encoding.py).
+Reader = Callable[[Path], Arrays]
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,17 @@ def capped_weights(samples: Sequence[int], max_samples: int, max_share: float | 
 
 def aggregate(updates: Iterable[UpdateFile], schema: Schema, spec: AggregationSpec, max_samples: int, *,
               reference: Path | None = None, scratch: Path | None = None, lora: str = "factors",
-              factor_gap: bool = True) -> Aggregate:
+              factor_gap: bool = True, read: Reader | None = None) -> Aggregate:
     """Aggregate `updates` (each checked against `schema`) under `spec`.
 
     `reference` is the round's starting adapter, needed for norm bounding and for `lora == "ffa"`;
     `scratch` is where the robust rules keep their memory-mapped stack (a directory on the data
     disk). `lora` is the run's `LoraSpec.aggregation`. `factor_gap` adds the figure
     `lora_factor_gap`, which needs every update on its own (not only their sum); `svd` reports it
-    whatever `factor_gap` says, since it reads every update anyway.
+    whatever `factor_gap` says, since it reads every update anyway. `read` turns an update file
+    into its tensors (default: the file's own tensors, checked against `schema`).
     """
+    read = read if read is not None else (lambda path: _read(path, schema))
     files = list(updates)
     if not files:
         raise ValueError("no updates to aggregate")
@@ -116,14 +120,14 @@ def aggregate(updates: Iterable[UpdateFile], schema: Schema, spec: AggregationSp
     figures: dict[str, Any] = {"rule": spec.rule.value, "updates": len(files)}
     if spec.rule is AggregationRule.mean:
         weights = capped_weights([f.num_samples for f in files], max_samples, spec.max_weight_share)
-        arrays, scales = _weighted_mean(files, weights, schema, start if bound is not None else None, bound, check)
+        arrays, scales = _weighted_mean(files, weights, read, start if bound is not None else None, bound, check)
         total = math.fsum(weights)
         figures["weights_capped"] = sum(w < f.num_samples for w, f in zip(weights, files, strict=True))
         figures["weight_share_max"] = round(max(weights) / total, 6)
     else:
         weights = [1.0] * len(files)  # one vote per update, as the rule gives
         reducer = _median if spec.rule is AggregationRule.median else _trimmed_mean(spec.trim)
-        arrays, scales = _coordinatewise(files, schema, reducer, start if bound is not None else None, bound,
+        arrays, scales = _coordinatewise(files, schema, read, reducer, start if bound is not None else None, bound,
                                          scratch, check)
     if bound is not None:
         figures["norm_clipped"] = sum(scale < 1.0 for scale in scales)
@@ -135,7 +139,7 @@ def aggregate(updates: Iterable[UpdateFile], schema: Schema, spec: AggregationSp
 
         def source() -> Iterator[tuple[float, Callable[[str], np.ndarray]]]:
             for update, weight, scale in zip(files, weights, scales, strict=True):
-                tensors = _read(update.path, schema)
+                tensors = read(update.path)
                 yield weight, lambda name, t=tensors, k=scale: _bounded(name, t[name], bounded_start, k)
                 del tensors
 
@@ -155,7 +159,7 @@ def weighted_mean(updates: Iterable[UpdateFile], schema: Schema) -> dict[str, np
     """Sample-weighted mean of updates, weights as declared, streamed: one update mapped at a time."""
     files = list(updates)
     weights = [float(f.num_samples) for f in files]
-    return _weighted_mean(files, weights, schema, None, None, None)[0]
+    return _weighted_mean(files, weights, lambda path: _read(path, schema), None, None, None)[0]
 
 
 def _read(path: Path, schema: Schema) -> Arrays:
@@ -183,14 +187,14 @@ def _bounded(name: str, arr: np.ndarray, start: Arrays | None, scale: float) -> 
     return base + (value - base) * scale
 
 
-def _weighted_mean(files: Sequence[UpdateFile], weights: Sequence[float], schema: Schema, start: Arrays | None,
+def _weighted_mean(files: Sequence[UpdateFile], weights: Sequence[float], read: Reader, start: Arrays | None,
                    bound: float | None, check: Check | None) -> tuple[dict[str, np.ndarray], list[float]]:
     """Streamed: memory is one float64 accumulator per tensor, whatever the number of updates.
     Returns the mean and each update's norm-bounding scale (1.0: not clipped)."""
     sums: dict[str, np.ndarray] | None = None
     scales: list[float] = []
     for update, weight in zip(files, weights, strict=True):
-        arrays = _read(update.path, schema)
+        arrays = read(update.path)
         if check is not None:
             check(arrays)
         scale = _scale(arrays, start, bound)
@@ -221,7 +225,7 @@ def _trimmed_mean(fraction: float) -> Reducer:
     return reduce
 
 
-def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reducer, start: Arrays | None,
+def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, read: Reader, reducer: Reducer, start: Arrays | None,
                     bound: float | None, scratch: Path | None,
                     check: Check | None) -> tuple[dict[str, np.ndarray], list[float]]:
     """Stack every update (float32, on disk, memory-mapped), then reduce blocks of coordinates.
@@ -241,7 +245,7 @@ def _coordinatewise(files: Sequence[UpdateFile], schema: Schema, reducer: Reduce
         with tempfile.TemporaryDirectory(dir=scratch, prefix="aggregate-") as tmp:
             stack = np.memmap(Path(tmp) / "stack.f32", dtype=np.float32, mode="w+", shape=(n, size))
             for row, update in enumerate(files):
-                arrays = _read(update.path, schema)
+                arrays = read(update.path)
                 if check is not None:
                     check(arrays)
                 scale = _scale(arrays, start, bound)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -27,11 +27,12 @@ from cloud.store import BlobStore
 from cloud.strategies.aggregation import Aggregate, UpdateFile, weighted_mean
 from cloud.strategies.aggregation import aggregate as aggregate_updates
 from cloud.strategies.lora_products import check_frozen_factors, lora_aggregation_problem
+from common.encoding import decode, wire_schema
 from common.methods import MethodContract
 from common.methods.reports import checked_metrics
 from common.ml.lora import frozen_factor
 from common.protocol import AggregationRule, ClientRegistration, ClientTask, LoraSpec, RunSpec
-from common.tensorfile import DTYPES, Schema, load_arrays, read_header, schema_of
+from common.tensorfile import DTYPES, Schema, check_schema, load_arrays, read_header, schema_of
 
 P = TypeVar("P", bound=BaseModel)
 log = logging.getLogger("cotune.strategies")
@@ -187,7 +188,40 @@ class Strategy(ABC):
         builds = list(self.spec.builds) if self.contract.builds_on == "device" else []
         return ClientTask(kind=self.task_kind, lora=self.spec.lora, train=self.spec.train,
                           seed=self.round_seed(round_number), params=self.contract.device_params(self.params),
-                          privacy=self.spec.privacy, secure_aggregation=device_task(self.spec), builds=builds)
+                          privacy=self.spec.privacy, secure_aggregation=device_task(self.spec),
+                          update_encoding=self.spec.update_encoding, update_base=self._update_base(), builds=builds)
+
+    def _update_base(self) -> str | None:
+        """What an encoded upload is the change from: the round's published adapter, or nothing
+        (zero) for methods whose uploads are other values (`contract.update_tensors`)."""
+        if self.spec.update_encoding == "fp32" or self.contract.update_tensors:
+            return None
+        return self.update_artifact
+
+    def _frozen(self) -> Callable[[str], bool]:
+        lora = self.spec.lora.aggregation
+        return lambda name: not self.contract.update_tensors and frozen_factor(name, lora)
+
+    def wire_schema(self, inputs: dict[str, str]) -> Schema:
+        """The tensors an upload carries under the run's update encoding."""
+        return wire_schema(self.update_schema(inputs), self.spec.update_encoding, self._frozen())
+
+    def read_update(self, path: Path, inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """An upload (checked against the wire schema) as the float32 tensors it stands for."""
+        header = read_header(path)
+        check_schema(header, self.wire_schema(dict(inputs)))
+        wire = load_arrays(path, header)
+        if self.spec.update_encoding == "fp32":
+            return wire
+        return decode(wire, self._update_start(inputs), self.spec.update_encoding, self._frozen())
+
+    def _update_start(self, inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+        base = self._update_base()
+        if base is None:
+            schema = self.update_schema(dict(inputs))
+            return {name: np.zeros(shape, np.float32) for name, (shape, _dt) in schema.items()}
+        path = self.store.path(inputs[base])
+        return load_arrays(path, read_header(path))
 
     def update_schema(self, inputs: dict[str, str]) -> Schema:
         """Uploads must have exactly the tensors of the adapter the round published."""
@@ -207,8 +241,9 @@ class Strategy(ABC):
         max_samples = 1 if self.spec.privacy is not None else self.spec.max_samples_per_update
         # The coordinator sees every update on its own today, so the factor-gap figure is always
         # computed; under a secure aggregation that reveals only the sum it would be turned off.
+        read = None if self.spec.update_encoding == "fp32" else (lambda path: self.read_update(path, inputs))
         return aggregate_updates(updates, self.update_schema(dict(inputs)), agg, max_samples,
-                                 reference=reference, scratch=self._scratch(), lora=lora, factor_gap=True)
+                                 reference=reference, scratch=self._scratch(), lora=lora, factor_gap=True, read=read)
 
     def aggregate_mean(self, mean: Mapping[str, np.ndarray], inputs: Mapping[str, str],
                        figures: dict[str, Any]) -> Aggregate:
