@@ -279,7 +279,8 @@ def bench_load(
         return
     from benchmarks.coordinator_load import run_load_benchmark
 
-    run_load_benchmark(ns, out, concurrency)
+    run_load_benchmark(ns, out, [int(x) for x in concurrency.split(",")], [int(x) for x in replicas.split(",")],
+                       state_url)
 
 
 def main() -> None:
