@@ -257,7 +257,10 @@ def status(
 @bench_app.command("load")
 def bench_load(
     clients: Annotated[str, typer.Option(help="comma-separated numbers of simulated devices")] = "10,100,1000",
-    concurrency: Annotated[int, typer.Option(help="devices in flight at once")] = 32,
+    concurrency: Annotated[str, typer.Option(help="comma-separated: devices in flight at once")] = "32",
+    replicas: Annotated[str, typer.Option(help="comma-separated: coordinator replicas behind HAProxy")] = "1",
+    state_url: Annotated[str | None, typer.Option(
+        help="a PostgreSQL server the benchmark may create databases on (needed for several replicas)")] = None,
     out: Annotated[Path, typer.Option(help="results directory")] = Path("results/load"),
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="measure instead what secure aggregation costs: bytes and seconds per "
