@@ -1,5 +1,6 @@
-"""What secure aggregation costs: one FedAvg round of N simulated devices with the tiny SLM's
-LoRA adapter, with and without secure aggregation, against a live coordinator on loopback.
+"""What secure aggregation costs: one FedAvg round of N simulated devices with the quickstart's
+LoRA adapter on its tiny SLM, with and without secure aggregation, against a live coordinator on
+loopback.
 
 Each device runs the real device code (edge_sdk/secagg.py) and the real REST calls, one device
 after another, so a device's seconds are its own computation (keys, sharing, masking, revealing)
@@ -32,6 +33,10 @@ from common.tensorfile import load_arrays, save_arrays
 from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
 from edge_sdk.client import CoordinatorClient
 from edge_sdk.secagg import SecureSession
+
+# The quickstart's adapter on its tiny SLM (cotune/demo/quickstart.py): r=16 on every linear layer.
+QUICKSTART_LORA = {"r": 16, "alpha": 32.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"]}
 
 
 @dataclass
@@ -81,7 +86,8 @@ def run_round(n: int, model_dir: Path, work: Path, secure: bool) -> dict[str, An
     state_dir.mkdir(parents=True)
     port, admin, enroll = free_port(), secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     run: dict[str, Any] = {"name": f"cost-{n}", "algorithm": "fedavg", "slm": str(model_dir), "rounds": 1,
-                           "min_clients": n, "max_devices": n, "round_deadline_s": 3600.0, "enroll_token": enroll}
+                           "min_clients": n, "max_devices": n, "round_deadline_s": 3600.0, "enroll_token": enroll,
+                           "lora": QUICKSTART_LORA}
     if secure:
         run["secure_aggregation"] = {"phase_deadline_s": 3600.0}
     config = write_server_config(state_dir / "coordinator.toml", port=port, state_dir=state_dir, admin_token=admin,
