@@ -394,6 +394,7 @@ class RunStatus(BaseModel):
     num_clients: int
     error: str | None = None
     rounds: list[RoundSummary] = Field(default_factory=list)
+    spec: dict[str, Any] | None = Field(None, description="the run's spec; the admin's view only")
 
 
 class GenerateRequest(_Strict):

@@ -123,3 +123,53 @@ def test_cotune_export_takes_the_peft_dir_as_its_adapter(tmp_path: Path) -> None
         merged_file = prepare_models(base, from_file, keep_base=False)
         assert len(merged_peft.lora) == len(merged_file.lora) > 0
         torch.testing.assert_close(merged_peft.merged(ids).logits, merged_file.merged(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_cotune_runs_pull_writes_the_servers_adapters_as_peft_dirs(world, tmp_path: Path) -> None:
+    """The server's adapters (the SLM's it publishes, the LLM's it keeps) pulled by the admin load
+    in peft with the outputs of our own loader."""
+    import subprocess
+    import time
+
+    import numpy as np
+    import torch
+
+    from common.methods.fedavg import SLM_ADAPTER
+    from common.protocol import META_NUM_SAMPLES, DeviceProfile, LoraSpec
+    from common.tensorfile import load_arrays, save_arrays
+    from cotune.demo.quickstart import child_env, cotune_cmd
+    from edge_sdk.client import CoordinatorClient
+    from tests.support import CoordinatorProcess, run_spec
+
+    spec = run_spec(world, name="pull", rounds=1, min_clients=2)
+    coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
+    try:
+        rng = np.random.default_rng(0)
+        for k in range(2):
+            device = CoordinatorClient(coord.url)
+            creds = device.register(spec["enroll_token"], f"d{k}", DeviceProfile())
+            info = device.current_round(creds.run_id)
+            ref = next(r for r in info.artifacts if r.name == SLM_ADAPTER)
+            start = load_arrays(device.download(ref, tmp_path / f"start-{k}"))
+            update = {n: (a + rng.normal(0, 0.05, a.shape)).astype(np.float32) for n, a in start.items()}
+            device.upload_update(creds.run_id, 1, creds.client_id, save_arrays(update, {META_NUM_SAMPLES: "10"}))
+        deadline = time.monotonic() + 120
+        while coord.status(creds.run_id)["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        env = {**child_env(), "COTUNE_ADMIN_TOKEN": coord.admin_token}
+        out = tmp_path / "pulled"
+        done = subprocess.run(cotune_cmd("runs", "pull", "pull", "--out", str(out), "--coordinator", coord.url),
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        coord.stop()
+    lora = LoraSpec.model_validate(spec["lora"])
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200]])
+    for prefix, base in (("slm", out / "slm"), ("llm", world.llm_dir)):
+        assert (out / f"{prefix}-adapter" / "adapter_config.json").is_file()
+        trained = load_arrays(out / prefix / "adapter.safetensors")
+        assert any(np.abs(v).max() > 0 for k, v in trained.items() if "lora_B" in k), "an untrained adapter"
+        with torch.no_grad():
+            ours = _our_logits(base, out / prefix / "adapter.safetensors", lora, ids)
+            theirs = _peft_logits(base, out / f"{prefix}-adapter", ids)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)

@@ -188,7 +188,8 @@ class RunsService:
         error = run.error if viewer is None or run.error is None else device_run_error(run)
         return RunStatus(run_id=run.id, name=run.name, algorithm=run.algorithm, state=run.state,
                          rounds_total=run.spec["rounds"], current_round=run.current_round,
-                         num_clients=self.state.count_active_clients(run.id), error=error, rounds=summaries)
+                         num_clients=self.state.count_active_clients(run.id), error=error, rounds=summaries,
+                         spec=dict(run.spec) if viewer is None else None)
 
     def devices(self, run_id: str) -> list[DeviceInfo]:
         """The run's devices as the admin sees them, revoked ones included."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from common.protocol import DeviceInfo, RunStatus
     from edge_sdk.client import CoordinatorClient
 
-runs_app = typer.Typer(help="Runs: list, show, create from a TOML file, stop.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs: list, show, create from a TOML file, stop, pull adapters.", no_args_is_help=True)
 devices_app = typer.Typer(help="A run's devices: list, revoke.", no_args_is_help=True)
 builds_app = typer.Typer(help="A run's edge builds: list, publish.", no_args_is_help=True)
 
@@ -170,6 +170,45 @@ def runs_show(run: Annotated[str, typer.Argument(help="run id or name")], coordi
     header = f"{status.name} ({status.run_id}): {status.algorithm}, {status.num_clients} devices"
     _print(header + (f"\nerror: {status.error}" if status.error else ""), rounds_table(status),
            devices_table(devices))
+
+
+@runs_app.command("pull")
+def runs_pull(run: Annotated[str, typer.Argument(help="run id or name")],
+              out: Annotated[Path, typer.Option(help="directory to write the adapters and checkpoints into")],
+              coordinator: Coordinator = DEFAULT_URL, token_file: TokenFile = None, as_json: AsJson = False) -> None:
+    """A run's latest adapters (the SLM's, and the LLM's where the method holds one), each with the
+    checkpoint the coordinator publishes for it and as a stock peft directory (`<prefix>-adapter/`:
+    adapter_config.json + adapter_model.safetensors) that `PeftModel.from_pretrained` loads."""
+    from common.ml.peft_dir import write_peft_dir
+    from common.protocol import RunSpec
+    from edge_sdk.paths import safe_join
+
+    with admin_client(coordinator, token_file) as client:
+        status = find_run(client, run)
+        spec = RunSpec.model_validate(status.spec)
+        done = [r for r in status.rounds if r.round > 0 and r.artifacts]
+        if not done:
+            raise RuntimeError(f"run {status.name!r} has no closed round yet: nothing to pull")
+        refs = {a.name: a for a in done[-1].artifacts}
+        written = []
+        for name in sorted(n for n in refs if n.endswith("/adapter.safetensors")):
+            prefix = name.split("/", 1)[0]
+            target = out / prefix
+            for ref in (r for n, r in refs.items() if n.startswith(prefix + "/")):
+                client.download(ref, safe_join(target, ref.name[len(prefix) + 1:], what="artifact",
+                                               source=coordinator, full_name=ref.name))
+            # The base: the checkpoint published with the adapter, else the one the spec names on
+            # the coordinator's disk (the LLM's never leaves the server).
+            base = target if (target / "config.json").is_file() else {"slm": spec.slm, "llm": spec.llm}.get(prefix)
+            if base is None:
+                continue
+            peft = write_peft_dir(target / "adapter.safetensors", spec.lora, base, out / f"{prefix}-adapter")
+            written.append({"adapter": name, "round": done[-1].round, "peft_dir": str(peft), "base": str(base)})
+    if as_json:
+        emit_json(written)
+        return
+    for item in written:
+        typer.echo(f"{item['adapter']} (round {item['round']}): peft directory {item['peft_dir']} on {item['base']}")
 
 
 @runs_app.command("create")
