@@ -49,6 +49,11 @@ def device_run_error(run: RunRecord) -> str:
     return f"run_failed: round {run.current_round} failed on the coordinator; its operator can see why"
 
 
+def _shown_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the admin reads it back: everything but the enroll token (a secret, shown once)."""
+    return {k: v for k, v in spec.items() if k != "enroll_token"}
+
+
 def strategy_factory(store: BlobStore, holder: ModelHolder) -> StrategyFactory:
     """Strategies as the coordinator makes them: by the spec's algorithm, on its store and models."""
     return lambda spec: strategy_class(spec.algorithm)(spec, store, holder)
@@ -189,7 +194,7 @@ class RunsService:
         return RunStatus(run_id=run.id, name=run.name, algorithm=run.algorithm, state=run.state,
                          rounds_total=run.spec["rounds"], current_round=run.current_round,
                          num_clients=self.state.count_active_clients(run.id), error=error, rounds=summaries,
-                         spec=dict(run.spec) if viewer is None else None)
+                         spec=_shown_spec(run.spec) if viewer is None else None)
 
     def devices(self, run_id: str) -> list[DeviceInfo]:
         """The run's devices as the admin sees them, revoked ones included."""
