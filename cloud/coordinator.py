@@ -38,7 +38,8 @@ class Coordinator:
         self.store = store if store is not None else open_store(settings)
         self.spool_dir = Path(settings.work_dir) / "uploads"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.holder = ModelHolder(self.store)
+        self.holder = ModelHolder(self.store, device=settings.model_device, dtype=settings.model_dtype,
+                                  device_map=settings.model_device_map)
         # Held models are shared by the round driver (server steps) and /v1/generate.
         self.model_lock = threading.Lock()
         self.instance_id = settings.instance_id or f"{socket.gethostname()}:{settings.port}"

@@ -78,6 +78,15 @@ class CoordinatorSettings(LayeredSettings):
         "info", description="the coordinator's and uvicorn's log level; at info uvicorn logs each request")
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object a line (time, level, logger, message), for a log collector")
+    model_device: str = Field(
+        "auto", description="where the held models (LLM, server-side SLM) run: auto (cuda when torch sees a GPU, "
+        "else cpu), cpu, cuda or cuda:N")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the held models' precision; float16 needs a GPU, bfloat16 on the CPU halves "
+        "memory but is slower than float32 there")
+    model_device_map: Literal["none", "auto"] = Field(
+        "none", description="auto: accelerate spreads an LLM too large for one GPU over every visible GPU "
+        "(needs accelerate and CUDA)")
     run: RunSpec | None = Field(None, description="a run to create at start-up if it does not exist")
 
     @field_validator("artifact_dir", mode="before")
@@ -95,6 +104,29 @@ class CoordinatorSettings(LayeredSettings):
         if is_s3_url(value):
             parse_s3_url(value)  # a ValueError saying what is wrong with it
         return value
+
+    @field_validator("model_device")
+    @classmethod
+    def _device_word(cls, value: str) -> str:
+        from common.ml.device import check_device
+
+        return check_device(value)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> CoordinatorSettings:
+        # What can be refused without torch; what the machine lacks is refused at the first load.
+        from common.ml.device import check_accelerate
+
+        if self.model_device == "cpu" and self.model_dtype == "float16":
+            raise ValueError("model_dtype float16 on model_device cpu is refused: CPU kernels mostly upcast it "
+                             "(slower than float32) and it is too narrow to train safely; use bfloat16 or float32")
+        if self.model_device_map == "auto":
+            if self.model_device not in ("auto", "cuda"):
+                raise ValueError(f"model_device_map auto places the models over every visible GPU itself; "
+                                 f"model_device {self.model_device!r} cannot hold with it: set model_device auto "
+                                 "(choose GPUs with CUDA_VISIBLE_DEVICES) or model_device_map none")
+            check_accelerate()
+        return self
 
     @model_validator(mode="after")
     def _check_store(self) -> CoordinatorSettings:

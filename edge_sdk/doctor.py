@@ -3,7 +3,9 @@
 `cotune edge doctor` prints it; `cotune edge join` uses `check_install` to stop before
 enrolling when the install cannot do what a run asks (ARCHITECTURE.md, "Edge runtime and
 export"). Probes look for packages without importing them where they can, so the report is
-cheap on a Pi; only the GPU questions import the engine that answers them.
+cheap on a Pi; only the GPU questions import the engine that answers them. The GPU report says
+what `EdgeModel.load`'s `auto` picks for each engine (edge_sdk.runtime.accel) and, when a GPU is
+here but an engine cannot use it, what to install.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "edge-onnx": ("tokenizers", "onnxruntime"),
     "edge-llama": ("llama_cpp",),
 }
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
-                 "DmlExecutionProvider", "CoreMLExecutionProvider")
 
 
 class InstallError(RuntimeError):
@@ -95,6 +95,32 @@ def _torch_cuda(can_train: bool) -> dict[str, Any]:
         return {"available": None, "devices": [], "error": str(exc)[:200]}
 
 
+def _gpu(accelerator: str | None, torch_cuda: dict[str, Any], llama: dict[str, Any],
+         ort: dict[str, Any]) -> dict[str, Any]:
+    """What the GPU can do for each engine, what `auto` picks, and what to install when a GPU is
+    here but an engine cannot use it."""
+    from edge_sdk.runtime.accel import GPU_EPS, LLAMA_GPU_INSTALL, ORT_GPU_INSTALL, resolve_providers
+
+    gpu_here = accelerator in ("cuda", "jetson") or bool(torch_cuda.get("available"))
+    auto: dict[str, Any] = {
+        "llama.cpp": ("all layers on the GPU" if llama["gpu_offload"] else "CPU") if llama["available"] else None,
+        "onnxruntime": resolve_providers("auto", ort["providers"]) if ort["available"] else None,
+    }
+    hints = []
+    if gpu_here and llama["available"] and not llama["gpu_offload"]:
+        hints.append(f"llama.cpp runs GGUF builds on the CPU here; for the GPU: {LLAMA_GPU_INSTALL}")
+    if gpu_here and ort["available"] and "CUDAExecutionProvider" not in ort["providers"]:
+        hints.append(f"ONNX Runtime runs ONNX builds on the CPU here; for the GPU: {ORT_GPU_INSTALL}")
+    return {
+        "accelerator": accelerator,
+        "torch_cuda": torch_cuda,
+        "onnxruntime_gpu_providers": [p for p in ort["providers"] if p in GPU_EPS],
+        "llama_cpp_gpu_offload": llama["gpu_offload"],
+        "auto": auto,
+        "hints": hints,
+    }
+
+
 def _builds_fit(builds: Sequence[BuildInfo], profile: DeviceProfile) -> list[dict[str, Any]]:
     from common.manifest import BuildManifest
     from common.selection import rank_builds
@@ -131,12 +157,7 @@ def diagnose(builds: Sequence[BuildInfo] | None = None) -> dict[str, Any]:
         "can_train": can_train,
         "can_build": extras["export"]["installed"],
         "extras": extras,
-        "gpu": {
-            "accelerator": profile.accelerator,
-            "torch_cuda": _torch_cuda(can_train),
-            "onnxruntime_gpu_providers": [p for p in ort["providers"] if p in GPU_PROVIDERS],
-            "llama_cpp_gpu_offload": llama["gpu_offload"],
-        },
+        "gpu": _gpu(profile.accelerator, _torch_cuda(can_train), llama, ort),
         "profile": {"arch": profile.arch, "os": profile.os, "cores": profile.cores, "ram_bytes": profile.ram_bytes},
         "builds": _builds_fit(builds, profile) if builds is not None else None,
     }

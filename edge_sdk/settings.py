@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from common.ml.device import check_device
 from common.settings import LayeredSettings, load_layered
 
 
@@ -27,6 +28,14 @@ class DeviceSettings(LayeredSettings):
     ca_cert: Path | None = Field(None, description="PEM CA bundle to trust for an https coordinator")
     local_slm: Path | None = Field(None, description="this device's own SLM checkpoint (co-plms, crosslm)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    # Like threads, not part of the worker's JoinConfig (exclude): the CLI hands it on itself.
+    device: str = Field("auto", exclude=True, description="where local training runs: auto (cuda when torch sees "
+                        "a GPU, else cpu), cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device_word(cls, value: str) -> str:
+        return check_device(value)
 
 
 def load_device_settings(config: Path | None = None, **flags: Any) -> DeviceSettings:

@@ -60,6 +60,7 @@ class JoinConfig:
     local_slm: Path | None = None
     ca_cert: Path | None = None
     build_wait_s: float = 600.0
+    device: str = "cpu"  # where local training runs (DeviceSettings.device; the CLI passes auto)
 
 
 @dataclass
@@ -144,7 +145,8 @@ class EdgeWorker:
         self.ctx = DeviceContext(records=records, eval_records=eval_records,
                                  cache=ArtifactCache(self.state_dir / "cache", self.client),
                                  state_dir=self.state_dir, say=self.say, progress=config.progress,
-                                 local_slm=config.local_slm, coordinator=config.coordinator)
+                                 local_slm=config.local_slm, coordinator=config.coordinator,
+                                 device=config.device)
         self._handlers: dict[str, TaskHandler] = {}
         self._rng = random.Random()
 

@@ -1,5 +1,6 @@
 """The builds themselves: merged and base GGUFs (written once, quantized per target), the GGUF
-LoRA adapter, ONNX fp32/int8/int4, each measured against the reference.
+LoRA adapter, ONNX fp32/int8/int4, each measured against the reference, each carrying the chat
+template the model was trained with (export.chat_files).
 
 A `Builder` holds what builds share within one export: the loaded models, the GGUF
 vocabulary, the reference figures and the intermediate files under `<staging>/.work`.
@@ -84,6 +85,23 @@ class Builder:
             figures["kquant_fallback_tensors"] = len(kquant_fallbacks(model_path))
         return figures
 
+    # -- chat format ------------------------------------------------------------------------------
+    def _chat(self) -> tuple[Any, tuple[str, ...]]:
+        """The model's chat template and the texts of its end-of-turn tokens other than EOS."""
+        from common.chat import chat_template_for
+        from common.ml.batching import end_token_ids
+
+        tokenizer = self.models.tokenizer
+        template = chat_template_for(tokenizer)
+        ends = end_token_ids(tokenizer, template)[1:]
+        return template, tuple(tokenizer.convert_ids_to_tokens(ends)) if ends else ()
+
+    def _modelfile(self, build: Path, model_file: str, adapter_file: str | None = None) -> None:
+        from export.chat_files import write_modelfile
+
+        template, end_texts = self._chat()
+        write_modelfile(build, template, model_file, adapter_file, end_texts)
+
     def build_gguf(self, target: Target, build: Path) -> BuildOutput:
         notes: list[str] = []
         model = build / "model.gguf"
@@ -94,6 +112,7 @@ class Builder:
             figures = self._gguf_figures(runner, target, model)
         finally:
             runner.close()
+        self._modelfile(build, "model.gguf")
         if figures.get("kquant_fallback_tensors"):
             notes.append(f"{figures['kquant_fallback_tensors']} weight tensor(s) have rows that are not a multiple "
                          f"of 256, so llama.cpp stored them in other types; see parity.tensor_types")
@@ -123,6 +142,7 @@ class Builder:
         figures["lora_vs_merged"] = {k: lora[k] for k in ("max_abs_logit_diff", "rel_logit_diff", "top1_agreement",
                                                           "greedy_match", "greedy_identical",
                                                           "greedy_divergence_margins")}
+        self._modelfile(build, "base.gguf", "adapter.gguf")
         fields = {"model_file": "adapter.gguf", "base_gguf": file_sha256(base_file)}
         return fields, figures, []
 
@@ -153,11 +173,17 @@ class Builder:
         for name in ("config.json", "generation_config.json"):
             if (source.parent / name).is_file():
                 link_or_copy(source.parent / name, build / name)
-        # The base's own tokenizer files, byte for byte (optimum re-saves its own copy); copied, not
-        # hard-linked: a build must not change when the source checkpoint is edited in place.
+        # The base's own tokenizer files (optimum re-saves its own copy); copied, not hard-linked: a
+        # build must not change when the source checkpoint is edited in place. The chat template the
+        # model was trained with is added to them, and onnxruntime-genai's config is written beside.
+        from export.chat_files import write_template_files
+        from export.onnx_export import write_genai_config
+
         for name in TOKENIZER_FILES:
             if (self.base.dir / name).is_file():
                 shutil.copy2(self.base.dir / name, build / name)
+        write_template_files(build, self._chat()[0])
+        write_genai_config(build, self.models.merged.config, self.models.tokenizer)
         runner = OnnxRunner(model, threads=self.threads)
         try:
             assert self.reference is not None

@@ -10,6 +10,10 @@ Two families are understood, read from tokenizer.json:
 
 `tokenizer_json_from_gguf` goes the other way for SentencePiece vocabularies (Gemma's GGUF),
 building the BPE tokenizer.json that tokenizes as llama.cpp does.
+
+The vocabulary also carries the chat template the model is trained and served with
+(common.chat: the tokenizer's own, else the declared default), written as `tokenizer.chat_template`
+so that llama.cpp, `cotune edge serve` and other GGUF runtimes format chats as training did.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
 
 # Token types (gguf.TokenType), repeated here so this module imports without gguf.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# gguf-py's metadata key names (gguf.Keys.Tokenizer) this module writes by name.
+GGUF_KEYS = {"chat_template": "tokenizer.chat_template"}
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # HF Split regexes of known byte-level tokenizers -> llama.cpp pre-tokenizer names.
@@ -54,6 +60,7 @@ class GGUFVocab:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
+    chat_template: str | None = None
 
 
 def _byte_level_pre(pre: dict[str, Any] | None) -> str:
@@ -119,7 +126,10 @@ def _special_ids(hf_tokenizer: Any) -> tuple[int | None, int | None, int | None,
 
 
 def vocab_from_tokenizer(tokenizer_file: Path, hf_tokenizer: Any, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary for a tokenizer.json, padded to the model's embedding rows."""
+    """The GGUF vocabulary for a tokenizer.json, padded to the model's embedding rows, with the
+    model's chat template (common.chat.chat_template_for)."""
+    from common.chat import chat_template_for
+
     tok = json.loads(Path(tokenizer_file).read_text())
     model = tok.get("model", {})
     kind = model.get("type")
@@ -165,7 +175,7 @@ def vocab_from_tokenizer(tokenizer_file: Path, hf_tokenizer: Any, vocab_size: in
                 made.add(result)
                 scores[vocab[result]] = -float(rank + 1)
         return GGUFVocab("llama", "default", tokens, types, scores, None, bos, eos, unk, pad, add_bos, add_eos,
-                         add_space_prefix)
+                         add_space_prefix, chat_template_for(hf_tokenizer).source)
 
     decoder = tok.get("decoder") or {}
     if decoder.get("type") != "ByteLevel":
@@ -180,11 +190,12 @@ def vocab_from_tokenizer(tokenizer_file: Path, hf_tokenizer: Any, vocab_size: in
     if model.get("ignore_merges"):
         raise UnsupportedModelError(f"{tokenizer_file}: ignore_merges BPE has no llama.cpp match")
     pre = _byte_level_pre(tok.get("pre_tokenizer"))
-    return GGUFVocab("gpt2", pre, tokens, types, None, merges, bos, eos, unk, pad, add_bos, add_eos, False)
+    return GGUFVocab("gpt2", pre, tokens, types, None, merges, bos, eos, unk, pad, add_bos, add_eos, False,
+                     chat_template_for(hf_tokenizer).source)
 
 
 def add_vocab(writer: GGUFWriter, vocab: GGUFVocab) -> None:
-    """Write the tokenizer.ggml.* keys."""
+    """Write the tokenizer.ggml.* keys, and tokenizer.chat_template when the vocabulary has one."""
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
@@ -202,6 +213,8 @@ def add_vocab(writer: GGUFWriter, vocab: GGUFVocab) -> None:
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.model == "llama":
         writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_string(GGUF_KEYS["chat_template"], vocab.chat_template)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

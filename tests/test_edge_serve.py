@@ -120,9 +120,12 @@ def test_chat_stream_concatenates_to_the_answer(client, local) -> None:
 
     messages = [{"role": "user", "content": "keeper 5 closed the"}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
-    prompt = ChatFormatter(None).render(messages)
-    assert ChatFormatter(None).template == DEFAULT_CHAT_TEMPLATE and prompt == "keeper 5 closed the\n"
-    assert full.choices[0].message.content == local.generate(prompt, max_tokens=16).text
+    default = ChatFormatter(None)
+    prompt = default.render(messages)
+    assert default.template == DEFAULT_CHAT_TEMPLATE and prompt == "keeper 5 closed the\n"
+    # The default template's answers end at a newline, in chat as in evaluation.
+    assert default.stop == ("\n",)
+    assert full.choices[0].message.content == local.generate(prompt, max_tokens=16, stop=list(default.stop)).text
     assert full.choices[0].message.role == "assistant"
     pieces, finishes = [], []
     for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,

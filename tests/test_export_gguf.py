@@ -50,7 +50,7 @@ def test_merged_and_lora_builds_pass_parity(arch: str, tmp_path: Path) -> None:
     # The adapter alone on the unmerged base reproduces the merged build.
     lora_manifest = results[4].manifest
     assert lora_manifest.model_file == "adapter.gguf"
-    assert {f.name for f in lora_manifest.files} == {"adapter.gguf", "base.gguf"}
+    assert {f.name for f in lora_manifest.files} == {"adapter.gguf", "base.gguf", "Modelfile"}
     base_file = next(f for f in lora_manifest.files if f.name == "base.gguf")
     assert lora_manifest.base_gguf == base_file.sha256
     assert lora["lora_vs_merged"]["greedy_identical"] and lora["greedy_identical"]

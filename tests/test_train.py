@@ -61,7 +61,9 @@ def test_train_lora_lowers_the_loss_and_only_touches_lora(world, base_state) -> 
     assert loss_after < 0.85 * loss_before, (loss_before, loss_after)
     assert report["steps"] == 25 and report["num_samples"] == len(records)
     assert report["loss_last"] < report["loss_first"]
-    assert set(report) == {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds"}
+    assert set(report) == {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds",
+                           "truncated_records", "dropped_records"}
+    assert (report["truncated_records"], report["dropped_records"]) == (0, 0)
     assert not model.training
     for name, param in model.named_parameters():
         if "lora_" not in name:

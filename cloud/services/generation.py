@@ -85,9 +85,13 @@ def complete(model: Any, tokenizer: Any, request: GenerateRequest, model_name: s
     sampling: dict[str, Any] = {"do_sample": False}
     if request.temperature > 0:
         sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+    from common.ml.device import model_device
+
+    device = model_device(model)
     model.eval()
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        out = model.generate(input_ids=torch.tensor([ids], device=device),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                              max_new_tokens=request.max_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
     new = out[0, len(ids):].tolist()
     if eos in new:

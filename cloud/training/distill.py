@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.device import model_device, rng_devices, to_device
 from common.ml.kd import _vocab_size, kd_loss
 from common.ml.mutual import loss_report, record_losses
 from common.ml.train import ProgressFn, _lora_only, _Progress, _response_ce, optimizer_step
@@ -50,6 +51,9 @@ def mutual_distillation(
             "token-level distillation needs one shared tokenizer and vocabulary size"
         )
     llm_params, slm_params = _lora_only(llm), _lora_only(slm)
+    # Each model gets the batch on its own device (the LLM may sit on another GPU than the SLM);
+    # the teacher's logits move to the student's (kd_loss compares them on one device).
+    devices = {"slm": model_device(slm), "llm": model_device(llm)}
     examples = encode_sft(tokenizer, records, max_len)
     if not examples:
         raise ValueError("no distillation records: the list is empty or every prompt is too long")
@@ -63,10 +67,13 @@ def mutual_distillation(
     def update(
         student: Any, teacher: Any, params: list[Any], opt: Any, side: str, batch: Any
     ) -> None:
+        teacher_side = "llm" if side == "slm" else "slm"
+        batch = to_device(batch, devices[side])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         teacher.eval()
         with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits[:, :-1]
+            teacher_inputs = to_device(inputs, devices[teacher_side])
+            teacher_logits = teacher(**teacher_inputs).logits[:, :-1].to(devices[side])
         student.train()
         logits = student(**inputs).logits
         if logits.size(-1) != teacher_logits.size(-1):
@@ -79,7 +86,7 @@ def mutual_distillation(
         student.eval()
         record_losses(history, side, loss, ce, kd)
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=sorted(set(rng_devices(devices["slm"]) + rng_devices(devices["llm"])))):
         torch.manual_seed(seed)
         opt_slm = torch.optim.AdamW(slm_params, lr=spec.lr, weight_decay=0.0)
         opt_llm = torch.optim.AdamW(llm_params, lr=spec.lr, weight_decay=0.0)

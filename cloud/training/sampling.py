@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from common.ml.batching import _special_ids
+from common.ml.device import model_device, rng_devices
 from common.ml.evaluate import decode_answer, generate_greedy, prompt_batches
 
 
@@ -59,15 +60,18 @@ def sampled_ids(model: Any, batches: Iterable[tuple[list[int], Any, Any]], num_s
     eval mode while sampling and back in its own mode after."""
     import torch
 
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        # Sampling on CUDA draws from the CUDA generator: fork and seed it too.
+        with torch.random.fork_rng(devices=rng_devices(device)):
             torch.manual_seed(seed)
             for idx, input_ids, attention_mask in batches:
                 with torch.inference_mode():
                     out = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        max_new_tokens=max_new_tokens,
                         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                         num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=pad,
                     )

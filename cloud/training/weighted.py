@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.device import model_device, rng_devices, to_device
 from common.ml.train import ProgressFn, _lora_only, _Progress, optimizer_step, training_report
 
 if TYPE_CHECKING:
@@ -56,15 +57,17 @@ def train_lora_weighted(
     _, _, pad_id = _special_ids(tokenizer)
     total = _num_batches(len(examples), spec.batch_size, spec.epochs, spec.max_steps)
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    device = model_device(model)
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
         bar = _Progress(progress, total, "weighted")
         model.train()
         try:
             for step, batch in enumerate(iterate_batches(examples, spec.batch_size, seed, spec.epochs, spec.max_steps)):
-                tensors = collate([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in batch], pad_id)
-                w = torch.tensor([e["weight"] for e in batch], dtype=torch.float32)
+                tensors = to_device(collate([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in batch],
+                                            pad_id), device)
+                w = torch.tensor([e["weight"] for e in batch], dtype=torch.float32, device=device)
                 logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
                 labels = tensors["labels"][:, 1:]
                 nll = F.cross_entropy(

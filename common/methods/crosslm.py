@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.methods.contract import LLM_PREFIX, SLM_PREFIX, MethodContract, adapter_artifact
 from common.methods.registry import register_method
 from common.methods.reports import OwnSlmMetrics, TrainReport
-from common.records import TaskRecord
+from common.records import TaskRecord, record_from_json
 
 SYNTHETIC = "crosslm/synthetic.jsonl"
 SELECTED = "crosslm/selected.jsonl"
@@ -94,9 +94,7 @@ def samples_from_bytes(data: bytes) -> list[Sample]:
             continue
         try:
             obj = json.loads(line)
-            record = TaskRecord(obj["prompt"], obj["response"], obj.get("domain"))
-            if not isinstance(record.prompt, str) or not isinstance(record.response, str):
-                raise TypeError("prompt and response must be strings")
+            record = record_from_json({k: v for k, v in obj.items() if k not in ("group", "score")})
             score = obj.get("score")
             out.append(Sample(record, int(obj.get("group", 0)), None if score is None else float(score)))
         except (ValueError, KeyError, TypeError) as exc:

@@ -1,31 +1,38 @@
-"""The one prompt format and the SFT batching used by pretraining, LoRA training,
-distillation and evaluation.
+"""SFT batching used by pretraining, LoRA training, distillation and evaluation.
 
-A training sequence is `<bos> prompt "\\n" response <eos>`; the loss is on the response
-and <eos> only. Prompts are encoded the same way at generation time (`<bos>` + the
-formatted prompt), so what the model sees before its first answer token never differs.
+A training sequence is `<bos>` followed by the record's conversation as the model's chat template
+renders it (common.chat); the loss is on the final reply and its end-of-turn marker only.
+Generation prompts are encoded the same way (`<bos>` + the rendered prompt), so what the model sees
+before its first answer token never differs between training, evaluation and serving. With the
+default template a prompt/response record is `<bos> prompt "\\n" response <eos>`.
+
+Sequences longer than `max_len` are cut at the end, never silently: `encode_records` counts the
+records it cut (`truncated`) and those it had to drop because no reply token was left (`dropped`),
+and the callers log both and report them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from common.chat import ChatTemplate, chat_template_for, format_prompt
 
 if TYPE_CHECKING:
     import torch
 
-    from common.records import TaskRecord
+    from common.records import ChatMessage, TaskRecord
 
 IGNORE_INDEX = -100
+log = logging.getLogger("cotune.train")
 
-
-def format_prompt(prompt: str) -> str:
-    """The text the model sees before its answer: the prompt and a newline."""
-    return prompt + "\n"
-
+__all__ = ["IGNORE_INDEX", "TruncationCounts", "collate", "encode_record", "encode_records", "encode_sft",
+           "end_token_ids", "format_prompt", "iterate_batches", "prompt_ids"]
 
 def _special_id(tokenizer: Any, name: str) -> int | None:
     # Works for transformers tokenizers (`eos_token_id`) and raw `tokenizers.Tokenizer`s.
@@ -49,17 +56,98 @@ def _special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
 
 
 def _encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` without any special tokens, whatever the tokenizer type."""
+    """Token ids of `text`, adding no special tokens around it; special tokens written in the text
+    (a template's EOS and turn markers) become their single ids, whatever the tokenizer type."""
     encoded = tokenizer.encode(text, add_special_tokens=False)
     ids = encoded.ids if hasattr(encoded, "ids") else encoded
     return [int(i) for i in ids]
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """`<bos>` + the formatted prompt: the exact prefix used in training and generation."""
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     bos, _, _ = _special_ids(tokenizer)
-    ids = _encode_text(tokenizer, format_prompt(prompt))
     return ids if bos is None else [bos, *ids]
+
+
+def _messages(prompt: str | TaskRecord | Sequence[ChatMessage]) -> list[Any]:
+    """The turns before the answer: a plain prompt is one user message."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if hasattr(prompt, "messages"):  # a TaskRecord
+        return prompt.messages(with_response=False)  # type: ignore[union-attr]
+    return list(prompt)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | TaskRecord | Sequence[ChatMessage],
+               template: ChatTemplate | None = None) -> list[int]:
+    """`<bos>` + the rendered prompt: the exact prefix used in training and generation.
+
+    `prompt` is a plain prompt (one user message), a TaskRecord (its context and prompt) or a list
+    of messages; `template` defaults to the tokenizer's (common.chat.chat_template_for).
+    """
+    template = template or chat_template_for(tokenizer)
+    return _with_bos(tokenizer, _encode_text(tokenizer, template.prompt(_messages(prompt))))
+
+
+_prompt_ids = prompt_ids  # the name other modules have imported
+
+
+@dataclass
+class TruncationCounts:
+    """Of `total` records: `truncated` were cut to max_len with part of their reply kept,
+    `dropped` were left out because the prompt alone filled max_len."""
+
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def report(self) -> dict[str, int]:
+        return {"truncated_records": self.truncated, "dropped_records": self.dropped}
+
+    def warn(self, max_len: int, what: str = "training") -> None:
+        """One log line (and, for dropped records, a UserWarning) when anything was cut."""
+        if self.truncated or self.dropped:
+            log.warning("%s: %d of %d records were longer than max_len=%d: %d cut short (the end of their reply "
+                        "is not trained), %d dropped (the prompt alone fills max_len); raise max_len or shorten "
+                        "those records", what, self.truncated + self.dropped, self.total, max_len, self.truncated,
+                        self.dropped)
+        if self.dropped:
+            warnings.warn(f"encode_sft dropped {self.dropped} of {self.total} records whose prompt fills "
+                          f"max_len={max_len}; raise max_len or shorten those prompts.", stacklevel=3)
+
+
+def encode_record(tokenizer: Any, record: TaskRecord, max_len: int, template: ChatTemplate | None = None,
+                  ) -> tuple[dict[str, list[int]] | None, bool]:
+    """({"input_ids", "labels"} or None when dropped, whether it was cut to max_len) for one record.
+
+    Labels are -100 on <bos> and the rendered prompt; the reply's tokens (end marker included) are trained.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    template = template or chat_template_for(tokenizer)
+    prompt_text, reply_text = template.split(record.messages())
+    head = _with_bos(tokenizer, _encode_text(tokenizer, prompt_text))
+    reply = _encode_text(tokenizer, reply_text)
+    input_ids = (head + reply)[:max_len]
+    if len(input_ids) <= len(head):
+        return None, True
+    labels = [IGNORE_INDEX] * len(head) + input_ids[len(head):]
+    return {"input_ids": input_ids, "labels": labels}, len(head) + len(reply) > max_len
+
+
+def encode_records(tokenizer: Any, records: Sequence[TaskRecord], max_len: int,
+                   ) -> tuple[list[dict[str, list[int]]], TruncationCounts]:
+    """Every record that fits encoded (see encode_record), and how many were cut or dropped."""
+    template = chat_template_for(tokenizer)
+    counts = TruncationCounts(total=len(records))
+    out: list[dict[str, list[int]]] = []
+    for record in records:
+        example, cut = encode_record(tokenizer, record, max_len, template)
+        if example is None:
+            counts.dropped += 1
+            continue
+        counts.truncated += int(cut)
+        out.append(example)
+    return out, counts
 
 
 def encode_sft(
@@ -67,31 +155,41 @@ def encode_sft(
 ) -> list[dict[str, list[int]]]:
     """Encode records as {"input_ids", "labels"}; labels are -100 on <bos> and the prompt.
 
-    Sequences longer than `max_len` are cut at the end (the prompt's start is kept);
-    records whose response would be cut entirely are dropped, with a warning that counts
-    them.
+    Sequences longer than `max_len` are cut at the end (the prompt's start is kept); records
+    whose response would be cut entirely are dropped. Both are logged with their counts, and
+    dropping also warns (UserWarning).
     """
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}")
-    _, eos, _ = _special_ids(tokenizer)
-    out: list[dict[str, list[int]]] = []
-    dropped = 0
-    for record in records:
-        prompt_ids = _prompt_ids(tokenizer, record.prompt)
-        response_ids = [*_encode_text(tokenizer, record.response), eos]
-        input_ids = (prompt_ids + response_ids)[:max_len]
-        if len(input_ids) <= len(prompt_ids):
-            dropped += 1
-            continue
-        labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :]
-        out.append({"input_ids": input_ids, "labels": labels})
-    if dropped:
-        warnings.warn(
-            f"encode_sft dropped {dropped} of {len(records)} records whose prompt fills "
-            f"max_len={max_len}; raise max_len or shorten those prompts.",
-            stacklevel=2,
-        )
+    out, counts = encode_records(tokenizer, records, max_len)
+    counts.warn(max_len)
     return out
+
+
+def end_token_ids(tokenizer: Any, template: ChatTemplate | None = None) -> list[int]:
+    """The ids that end a reply: EOS first, then any special token the template closes a reply with
+    (e.g. `<|im_end|>` where that is not the tokenizer's EOS)."""
+    _, eos, _ = _special_ids(tokenizer)
+    template = template or chat_template_for(tokenizer)
+    probe = "cotune"
+    try:
+        _, reply = template.split([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}])
+    except ValueError:
+        return [eos]
+    if not reply.startswith(probe):
+        return [eos]
+    specials = _added_ids(tokenizer)
+    ends = [eos]
+    for token in _encode_text(tokenizer, reply[len(probe):]):
+        if token in specials and token not in ends:
+            ends.append(token)
+    return ends
+
+
+def _added_ids(tokenizer: Any) -> set[int]:
+    if hasattr(tokenizer, "get_added_vocab"):
+        return {int(i) for i in tokenizer.get_added_vocab().values()}
+    if hasattr(tokenizer, "get_added_tokens_decoder"):
+        return {int(i) for i in tokenizer.get_added_tokens_decoder()}
+    return set()
 
 
 def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -50,15 +50,34 @@ def save_checkpoint(
     return out
 
 
-def load_checkpoint(dir: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load (model in float32 eval mode, tokenizer) from a checked HF checkpoint directory."""
-    import torch
+def load_checkpoint(
+    dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load (model in eval mode, tokenizer) from a checked HF checkpoint directory.
+
+    The defaults give a float32 model on the CPU. `device` is auto (cuda when torch sees a GPU),
+    cpu, cuda or cuda:N; `dtype` float32, bfloat16 or float16 (common.ml.device says which the
+    CPU takes). `device_map="auto"` lets accelerate spread a model too large for one GPU over
+    every visible GPU (then `device` must be auto or cuda); it needs accelerate and CUDA.
+    An impossible choice is a DeviceError saying what to install or change.
+    """
     from transformers import AutoModelForCausalLM
 
+    from common.ml.device import resolve_placement
     from common.ml.tokenizer import load_hf_tokenizer
 
+    target, torch_dtype, mapping = resolve_placement(device, dtype, device_map)
     ckpt = inspect_checkpoint(dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(ckpt.dir), local_files_only=True, use_safetensors=True, dtype=torch.float32
-    )
+    if mapping == "auto":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ckpt.dir), local_files_only=True, use_safetensors=True, dtype=torch_dtype, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ckpt.dir), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
+        if target.type != "cpu":
+            model = model.to(target)
     return model.eval(), load_hf_tokenizer(ckpt.dir)

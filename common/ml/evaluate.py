@@ -1,26 +1,42 @@
-"""Greedy generation and scoring (Rouge-L / exact match) on task records."""
+"""Greedy generation and scoring (Rouge-L / exact match) on task records.
+
+Prompts are rendered with the model's chat template (common.chat) exactly as training renders
+them. An answer ends at the first end-of-turn token or the template's stop text (the default
+template's answers are one line); answers that reach `max_new_tokens` without ending are counted
+(`truncated_answers`) and logged, since scores on cut answers say little.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from common.ml.batching import _prompt_ids, _special_ids
+from common.chat import ChatTemplate, chat_template_for
+from common.ml.batching import _special_ids, end_token_ids, prompt_ids
+from common.ml.device import model_device, to_device
 
 if TYPE_CHECKING:
-    from common.records import TaskRecord
+    from common.records import ChatMessage, TaskRecord
+
+# Long enough for the answers of real instruction data; generation stops earlier at the end of turn.
+EVAL_MAX_NEW_TOKENS = 256
+log = logging.getLogger("cotune.eval")
 
 
-def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> Iterator[tuple[list[int], Any, Any]]:
+def prompt_batches(tokenizer: Any, prompts: Sequence[str | TaskRecord | Sequence[ChatMessage]], batch_size: int,
+                   template: ChatTemplate | None = None) -> Iterator[tuple[list[int], Any, Any]]:
     """(prompt indices, input_ids, attention_mask) per batch, left-padded for generate().
 
+    A prompt is a plain prompt, a TaskRecord (its context and prompt) or a list of messages.
     Prompts are grouped by length to waste less compute on padding; the indices say which
     prompts a batch holds, in row order.
     """
     import torch
 
     _, _, pad = _special_ids(tokenizer)
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    template = template or chat_template_for(tokenizer)
+    encoded = [prompt_ids(tokenizer, p, template) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -34,68 +50,98 @@ def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> I
         yield idx, input_ids, attention_mask
 
 
-def decode_answer(tokenizer: Any, new_ids: list[int], eos: int) -> str:
-    """An answer from generated ids: up to end-of-sequence, then the first line, stripped."""
-    if eos in new_ids:
-        new_ids = new_ids[: new_ids.index(eos)]
-    return tokenizer.decode(new_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
+def _answer(tokenizer: Any, new_ids: list[int], ends: Collection[int], stop: Sequence[str]) -> tuple[str, bool]:
+    """(the answer, whether it ended): cut at the first end token, then at the earliest stop text."""
+    cut = next((i for i, token in enumerate(new_ids) if token in ends), None)
+    text = tokenizer.decode(new_ids if cut is None else new_ids[:cut], skip_special_tokens=True)
+    found = [text.index(s) for s in stop if s and s in text]
+    if found:
+        text = text[: min(found)]
+    return text.strip(), cut is not None or bool(found)
+
+
+def decode_answer(tokenizer: Any, new_ids: list[int], eos: int | Collection[int],
+                  stop: Sequence[str] = ("\n",)) -> str:
+    """An answer from generated ids: up to the end token(s), then up to the first stop text
+    (by default the first line), stripped."""
+    return _answer(tokenizer, new_ids, {eos} if isinstance(eos, int) else eos, stop)[0]
 
 
 def generate_greedy(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 24,
+    prompts: Sequence[str | TaskRecord | Sequence[ChatMessage]],
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     batch_size: int = 32,
+    stats: dict[str, int] | None = None,
 ) -> list[str]:
-    """Greedy answers to `prompts` (raw prompts: the format is applied here).
+    """Greedy answers to `prompts` (raw prompts, records or message lists: the template is applied here).
 
-    Batched with left padding (`prompt_batches`); each answer is the decoded new tokens up
-    to the first newline, stripped. Answers come back in the order of `prompts`.
+    Batched with left padding (`prompt_batches`); each answer is the decoded new tokens up to the
+    end of the turn or the template's stop text, stripped. Answers come back in the order of
+    `prompts`. Answers cut by `max_new_tokens` are logged and counted into
+    `stats["truncated_answers"]` when `stats` is given.
     """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _, eos, pad = _special_ids(tokenizer)
+    _, _, pad = _special_ids(tokenizer)
+    template = chat_template_for(tokenizer)
+    ends = end_token_ids(tokenizer, template)
+    # Generation stops at the stop text too (transformers checks it on the decoded tokens).
+    stop_kwargs = {"stop_strings": list(template.stop), "tokenizer": tokenizer} if (
+        template.stop and hasattr(tokenizer, "convert_ids_to_tokens")) else {}
     answers: list[str] = [""] * len(prompts)
+    truncated = 0
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        for idx, input_ids, attention_mask in prompt_batches(tokenizer, prompts, batch_size):
+        for idx, input_ids, attention_mask in prompt_batches(tokenizer, prompts, batch_size, template):
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     num_beams=1,
-                    eos_token_id=eos,
+                    eos_token_id=ends[0] if len(ends) == 1 else ends,
                     pad_token_id=pad,
+                    **stop_kwargs,
                 )
             width = input_ids.shape[1]
             for row, i in enumerate(idx):
-                answers[i] = decode_answer(tokenizer, out[row, width:].tolist(), eos)
+                answers[i], ended = _answer(tokenizer, out[row, width:].tolist(), ends, template.stop)
+                truncated += int(not ended)
     finally:
         model.train(was_training)
+    if truncated:
+        log.warning("%d of %d answers reached max_new_tokens=%d before ending; they are scored as cut, so raise "
+                    "the generation length (eval_max_new_tokens) if answers are meant to be longer",
+                    truncated, len(prompts), max_new_tokens)
+    if stats is not None:
+        stats["truncated_answers"] = stats.get("truncated_answers", 0) + truncated
     return answers
 
 
 def evaluate(
-    model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_new_tokens: int = 24
+    model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_new_tokens: int = EVAL_MAX_NEW_TOKENS
 ) -> dict[str, Any]:
-    """Greedy-decode every record's prompt and score it against its response.
+    """Greedy-decode every record's prompt (with its context) and score it against its response.
 
-    Returns common.metrics.score's dict: {"rougeL", "em", "n", "per_domain"}.
+    Returns common.metrics.score's dict, {"rougeL", "em", "n", "per_domain"}, and
+    "truncated_answers": how many answers `max_new_tokens` cut.
     """
     from common.metrics import score
 
-    preds = generate_greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens)
-    return score(preds, [r.response for r in records], [r.domain for r in records])
+    stats: dict[str, int] = {}
+    preds = generate_greedy(model, tokenizer, list(records), max_new_tokens, stats=stats)
+    return {**score(preds, [r.response for r in records], [r.domain for r in records]),
+            "truncated_answers": stats.get("truncated_answers", 0)}
 
 
-
-def response_nll(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_len: int = 64,
+def response_nll(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_len: int = 512,
                  batch_size: int = 32) -> list[tuple[float, int]]:
     """Per record: the summed next-token loss over its response tokens (EOS included) and their count."""
     import torch
@@ -108,11 +154,12 @@ def response_nll(model: Any, tokenizer: Any, records: Sequence[TaskRecord], max_
         raise ValueError(f"{len(records) - len(examples)} records do not fit max_len={max_len}")
     _, _, pad = _special_ids(tokenizer)
     out: list[tuple[float, int]] = []
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], pad)
+            batch = to_device(collate(examples[start:start + batch_size], pad), device)
             with torch.inference_mode():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]

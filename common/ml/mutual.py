@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.device import model_device, rng_devices, to_device
 from common.ml.kd import kd_loss
 from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce, optimizer_step
 
@@ -34,7 +35,8 @@ class _Side:
         self.no_ce: list[bool] | None = None  # per record: KL only (its response is no label)
 
     def batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        return collate([self.encoded[i] for i in indices], self.pad_id)
+        # On this side's model's device: the two sides may sit on different devices.
+        return to_device(collate([self.encoded[i] for i in indices], self.pad_id), model_device(self.model))
 
     def ce_labels(self, labels: Any, indices: Sequence[int]) -> Any:
         """The labels CE learns from: those of KL-only records masked out."""
@@ -108,12 +110,13 @@ def _update(
         t_logits = teacher.model(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"]).logits
     mask = s_batch["labels"][:, 1:] != -100
     if alignment is None:
-        target = t_logits[:, :-1]
+        target = t_logits[:, :-1].to(mask.device)
         top_k = spec.top_k
     else:
         lengths = t_batch["attention_mask"].sum(dim=1).tolist()
         target, aligned = alignment.targets(t_logits, [records[i] for i in indices], s_batch["input_ids"].shape[1],
                                             lengths)
+        target, aligned = target.to(mask.device), aligned.to(mask.device)
         mask = mask & aligned
         top_k = None  # already reduced to the teacher's top-k, mapped
     student.model.train()
@@ -164,7 +167,8 @@ def _run(
     names = [student.name for student, _ in learners]
     history: dict[str, list[float]] = {f"{n}_{k}": [] for n in names for k in ("loss", "ce", "kd")}
     total = _num_batches(len(records), spec.batch_size, spec.epochs, spec.max_steps)
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({i for student, _ in learners for i in rng_devices(model_device(student.model))})
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for student, _ in learners:
             student.params = _lora_only(student.model)

@@ -10,20 +10,17 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from common.ml.batching import IGNORE_INDEX, _encode_text, _prompt_ids, _special_ids, collate
+from common.ml.batching import IGNORE_INDEX, _special_ids, collate, encode_record
+from common.ml.device import model_device, to_device
 
 if TYPE_CHECKING:
     from common.records import TaskRecord
 
 
-def _encode(tokenizer: Any, record: TaskRecord, max_len: int, eos: int) -> dict[str, list[int]] | None:
-    # The same layout as encode_sft, one record at a time, so that a dropped record keeps
-    # its place in the output instead of shifting every later score.
-    prompt_ids = _prompt_ids(tokenizer, record.prompt)
-    input_ids = (prompt_ids + _encode_text(tokenizer, record.response) + [eos])[:max_len]
-    if len(input_ids) <= len(prompt_ids):
-        return None
-    return {"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]}
+def _encode(tokenizer: Any, record: TaskRecord, max_len: int) -> dict[str, list[int]] | None:
+    # encode_sft's layout (the model's chat template), one record at a time, so that a dropped
+    # record keeps its place in the output instead of shifting every later score.
+    return encode_record(tokenizer, record, max_len)[0]
 
 
 def response_logprobs(
@@ -38,8 +35,8 @@ def response_logprobs(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _, eos, pad = _special_ids(tokenizer)
-    encoded = [_encode(tokenizer, r, max_len, eos) for r in records]
+    _, _eos, pad = _special_ids(tokenizer)
+    encoded = [_encode(tokenizer, r, max_len) for r in records]
     kept = [i for i, e in enumerate(encoded) if e is not None]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(records)
     was_training = model.training
@@ -47,7 +44,7 @@ def response_logprobs(
     try:
         for start in range(0, len(kept), batch_size):
             idx = kept[start : start + batch_size]
-            batch = collate([encoded[i] for i in idx], pad)
+            batch = to_device(collate([encoded[i] for i in idx], pad), model_device(model))
             with torch.inference_mode():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -69,18 +69,23 @@ def _wrap(tok: tokenizers.Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(
-    tok: tokenizers.Tokenizer | PreTrainedTokenizerFast, dir: str | os.PathLike[str]
+    tok: tokenizers.Tokenizer | PreTrainedTokenizerFast, dir: str | os.PathLike[str],
+    chat_template: str | None = None,
 ) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `dir`.
 
     `transformers.AutoTokenizer.from_pretrained(dir)` then loads it with pad/bos/eos set.
+    A chat template (given here, or the tokenizer's own) is kept in tokenizer_config.json rather
+    than in a chat_template.jinja beside it, so that every copy of the tokenizer files carries it.
     """
     from transformers import PreTrainedTokenizerBase
 
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = tok if isinstance(tok, PreTrainedTokenizerBase) else _wrap(tok)
-    hf.save_pretrained(str(out))
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    hf.save_pretrained(str(out), save_jinja_files=False)
     return out
 
 

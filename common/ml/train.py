@@ -13,9 +13,10 @@ from common.ml.batching import (
     _num_batches,
     _special_ids,
     collate,
-    encode_sft,
+    encode_records,
     iterate_batches,
 )
+from common.ml.device import model_device, rng_devices, to_device
 
 if TYPE_CHECKING:
     import torch
@@ -107,20 +108,28 @@ def run_sft(
     warmup_cosine: bool,
     desc: str,
 ) -> dict[str, Any]:
-    """The SFT loop shared by LoRA training and full pretraining."""
+    """The SFT loop shared by LoRA training and full pretraining.
+
+    The report counts the records cut to `max_len` (`truncated_records`) and left out because the
+    prompt alone filled it (`dropped_records`); either is also logged as a warning.
+    """
     import torch
 
     started = time.perf_counter()
-    examples = encode_sft(tokenizer, records, max_len)
+    examples, cut = encode_records(tokenizer, records, max_len)
+    cut.warn(max_len, desc)
     if not examples:
-        raise ValueError("no trainable records: the list is empty or every prompt was too long")
+        raise ValueError(f"no trainable records: the list is empty or every prompt fills max_len={max_len}; "
+                         "raise max_len or shorten the prompts")
     _, _, pad_id = _special_ids(tokenizer)
     total = _num_batches(len(examples), batch_size, epochs, max_steps)
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
+    # Batches go where the model is: a model loaded on CUDA trains on CUDA.
+    device = model_device(model)
     # The fork keeps the caller's RNG state untouched; inside, the seed fixes dropout.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         scheduler = None
@@ -141,7 +150,7 @@ def run_sft(
         try:
             batches = iterate_batches(examples, batch_size, seed, epochs, max_steps)
             for step, batch in enumerate(batches):
-                tensors = collate(batch, pad_id)
+                tensors = to_device(collate(batch, pad_id), device)
                 logits = model(
                     input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
                 ).logits
@@ -152,7 +161,7 @@ def run_sft(
         finally:
             bar.close()
             model.eval()
-    return training_report(losses, len(examples), started)
+    return {**training_report(losses, len(examples), started), **cut.report()}
 
 
 def _lora_only(model: Any) -> list[Any]:
@@ -183,7 +192,8 @@ def train_lora(
 ) -> dict[str, Any]:
     """LoRA SFT of a peft model on `records` (loss on responses only); base weights frozen.
 
-    Returns {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds"}.
+    Returns {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds",
+    "truncated_records", "dropped_records"}.
     The same model, records, spec and seed give the same adapter. Leaves the model in
     eval mode. `progress` is a bool (tqdm bar) or a callable(step, total, loss).
     """

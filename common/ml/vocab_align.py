@@ -156,7 +156,8 @@ class VocabAlignment:
         aligned = torch.zeros((batch, student_len - 1), dtype=torch.bool)
         probs = torch.softmax(teacher_logits.float(), dim=-1)
         k = min(self.top_k, probs.size(-1))
-        top_p, top_i = probs.topk(k, dim=-1)
+        # The top-k on the teacher's device, then to the CPU: the loop below indexes CPU tensors.
+        top_p, top_i = (t.cpu() for t in probs.topk(k, dim=-1))
         token_map = torch.tensor(self.token_map, dtype=torch.long)
         for b, record in enumerate(records):
             s_starts = self._record_starts(0, self.student_tokenizer, record)

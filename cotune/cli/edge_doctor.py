@@ -79,6 +79,12 @@ def _print(report: dict[str, Any]) -> None:
                + f"; ONNX Runtime GPU providers {', '.join(gpu['onnxruntime_gpu_providers']) or 'none'}"
                + f"; llama.cpp GPU offload {yes(gpu['llama_cpp_gpu_offload'])}"
                + (f"; accelerator {gpu['accelerator']}" if gpu["accelerator"] else ""))
+    auto = gpu["auto"]
+    chosen = [f"llama.cpp {auto['llama.cpp']}" if auto["llama.cpp"] else "",
+              f"ONNX Runtime {', '.join(auto['onnxruntime'])}" if auto["onnxruntime"] else ""]
+    typer.echo(f"auto picks:   {'; '.join(c for c in chosen if c) or 'no engine installed'}")
+    for hint in gpu["hints"]:
+        typer.echo(f"  {hint}")
     typer.echo(f"machine:      {prof['arch']} {prof['os']}, {prof['cores']} cores, "
                f"{prof['ram_bytes'] / 2**30:.1f} GiB RAM")
     if report["builds"] is not None:

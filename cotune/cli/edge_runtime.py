@@ -19,17 +19,45 @@ from typing import Annotated, Any
 
 import typer
 
+GPU_LAYERS_HELP = "llama.cpp layers on the GPU: auto (all when this llama.cpp can offload, else 0) | all | N"
+PROVIDERS_HELP = ("ONNX Runtime execution providers: auto (CUDA when installed, then CPU) | cpu | cuda | tensorrt "
+                  "| comma-separated provider names")
+
 
 def _stderr(text: str) -> None:
     typer.echo(text, err=True)
 
 
+def accel_options(gpu_layers: str, providers: str) -> dict[str, Any]:
+    """EdgeModel.load's n_gpu_layers and providers from the flags; a bad value names its flag."""
+    from edge_sdk.runtime.accel import parse_gpu_layers, parse_providers
+
+    try:
+        parse_gpu_layers(gpu_layers)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--gpu-layers") from None
+    try:
+        parse_providers(providers)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--providers") from None
+    return {"n_gpu_layers": gpu_layers, "providers": providers}
+
+
+def placement(describe: dict[str, Any]) -> str:
+    """Where the model runs, in words: llama.cpp's GPU layers or ONNX Runtime's providers."""
+    if "providers" in describe:
+        return "providers " + ", ".join(describe["providers"])
+    if "gpu_layers" in describe:
+        return f"{describe['gpu_layers']}/{describe['n_layer']} layers on the GPU"
+    return "CPU"
+
+
 def _summary(result: Any, describe: dict[str, Any]) -> str:
     t = result.timings
     quant = describe.get("quantization") or describe.get("format") or ""
-    return (f"[{describe['backend']} {quant}] {result.prompt_tokens} prompt + {result.completion_tokens} generated "
-            f"tokens; ttft {t.ttft_s * 1000:.0f} ms, prefill {t.prefill_tok_s:.0f} tok/s, "
-            f"decode {t.decode_tok_s:.1f} tok/s; finish: {result.finish_reason}")
+    return (f"[{describe['backend']} {quant}] on {placement(describe)}: {result.prompt_tokens} prompt + "
+            f"{result.completion_tokens} generated tokens; ttft {t.ttft_s * 1000:.0f} ms, "
+            f"prefill {t.prefill_tok_s:.0f} tok/s, decode {t.decode_tok_s:.1f} tok/s; finish: {result.finish_reason}")
 
 
 def edge_generate(
@@ -54,15 +82,19 @@ def edge_generate(
     threshold: Annotated[float, typer.Option(help="escalate when the signal is above this")] = 2.0,
     stream: Annotated[bool, typer.Option(help="print tokens as they come")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
+    gpu_layers: Annotated[str, typer.Option(help=GPU_LAYERS_HELP)] = "auto",
+    providers: Annotated[str, typer.Option(help=PROVIDERS_HELP)] = "auto",
 ) -> None:
     """Generate text on this device with an edge build (llama.cpp or ONNX Runtime)."""
     from edge_sdk.runtime import EdgeModel
 
     if verify not in ("size", "sha256", "none"):
         raise typer.BadParameter("--verify must be size, sha256 or none")
+    accel = accel_options(gpu_layers, providers)
     if prompt == "-":
         prompt = sys.stdin.read()
-    with EdgeModel.load(build, n_ctx=n_ctx, threads=threads, verify=verify, adapter=adapter) as model:  # type: ignore[arg-type]
+    with EdgeModel.load(build, n_ctx=n_ctx, threads=threads, verify=verify, adapter=adapter,  # type: ignore[arg-type]
+                        **accel) as model:
         describe = model.describe()
         if coordinator is not None:
             from edge_sdk.runtime import CollaborativeRouter
@@ -103,6 +135,8 @@ def edge_bench(
     warmup: Annotated[int, typer.Option(help="untimed runs first")] = 1,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all usable cores)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    gpu_layers: Annotated[str, typer.Option(help=GPU_LAYERS_HELP)] = "auto",
+    providers: Annotated[str, typer.Option(help=PROVIDERS_HELP)] = "auto",
 ) -> None:
     """Time one build on this device: load, time to first token, prefill and decode tokens/s."""
     from edge_sdk.runtime import EdgeModel
@@ -110,7 +144,8 @@ def edge_bench(
 
     if runs < 1:
         raise typer.BadParameter("--runs must be >= 1")
-    with EdgeModel.load(build, n_ctx=prompt_tokens + decode_tokens + 8, threads=threads) as model:
+    accel = accel_options(gpu_layers, providers)
+    with EdgeModel.load(build, n_ctx=prompt_tokens + decode_tokens + 8, threads=threads, **accel) as model:
         figures = bench_model(model, prompt_tokens, decode_tokens, runs, warmup)
         describe = model.describe()
     figures["peak_rss_bytes"] = peak_rss_bytes()
@@ -120,7 +155,8 @@ def edge_bench(
         return
     typer.echo(
         f"{describe['backend']} {describe.get('quantization') or ''} ({describe['size_bytes'] / 2**20:.1f} MiB, "
-        f"{describe['threads']} threads): load {figures['load_s']:.2f} s, ttft {figures['ttft_s'] * 1000:.0f} ms, "
+        f"{describe['threads']} threads, {placement(describe)}): load {figures['load_s']:.2f} s, "
+        f"ttft {figures['ttft_s'] * 1000:.0f} ms, "
         f"prefill {figures['prefill_tok_s']:.0f} tok/s, decode {figures['decode_tok_s']:.1f} tok/s "
         f"(median of {runs}), peak RSS {figures['peak_rss_bytes'] / 2**20:.0f} MiB"
     )

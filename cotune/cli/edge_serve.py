@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from cotune.cli.edge_runtime import GPU_LAYERS_HELP, PROVIDERS_HELP, accel_options, placement
+
 DEFAULT_CREDENTIALS = Path(".cotune/edge/credentials.json")
 
 
@@ -57,6 +59,8 @@ def edge_serve(
     threshold: Annotated[float, typer.Option(help="escalate when the signal is above this")] = 2.0,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted")] = 1 << 20,
     max_queue: Annotated[int, typer.Option(help="requests that may wait for the model at once")] = 32,
+    gpu_layers: Annotated[str, typer.Option(help=GPU_LAYERS_HELP)] = "auto",
+    providers: Annotated[str, typer.Option(help=PROVIDERS_HELP)] = "auto",
 ) -> None:
     """Serve an edge build over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions)."""
     import uvicorn
@@ -71,17 +75,18 @@ def edge_serve(
     escalation = None
     if coordinator is not None:
         escalation = Escalation(coordinator, token or read_client_token(credentials, coordinator), signal, threshold)
+    accel = accel_options(gpu_layers, providers)
     options = {"flash_attn": flash_attn} if flash_attn is not None else None
     model = EdgeModel.load(build, n_ctx=n_ctx, threads=threads, verify=verify,  # type: ignore[arg-type]
-                           engine_options=options)
+                           engine_options=options, **accel)
     try:
         for extra in adapter or []:
             model.load_adapter(extra)
         name = model_name or (build.stem if build.suffix == ".gguf" else build.resolve().name)
         engine = ServeEngine(model, name, escalation)
         app = create_app(engine, max_body_bytes=max_body_bytes, max_queue=max_queue)
-        typer.echo(f"serving {', '.join(engine.model_ids())} ({model.backend_name}) on http://{host}:{port}/v1",
-                   err=True)
+        typer.echo(f"serving {', '.join(engine.model_ids())} ({model.backend_name}, "
+                   f"{placement(model.describe())}) on http://{host}:{port}/v1", err=True)
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         model.close()

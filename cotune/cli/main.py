@@ -140,6 +140,10 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     check_tls(settings)
     check_artifact_store(settings)
+    from cloud.models import check_placement
+
+    placement = check_placement(settings.model_device, settings.model_dtype, settings.model_device_map)
+    typer.echo(f"held models load on {placement}", err=True)
     if settings.admin_token is None:
         settings.admin_token = new_token()
         token_file = admin_token_path(settings)
@@ -191,6 +195,8 @@ def edge_join(
     ca_cert: Annotated[Path | None, typer.Option(help="PEM CA bundle to trust for an https coordinator")] = None,
     slm: Annotated[Path | None, typer.Option(
         help="this device's own SLM checkpoint (co-plms, crosslm); it never leaves the device")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="where local training runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N")] = None,
 ) -> None:
     """Take part in a run until it ends: pull, train locally, upload, repeat.
 
@@ -201,12 +207,12 @@ def edge_join(
     settings = load_device_settings(
         config, coordinator=coordinator, enroll_token=enroll_token, data=data, eval_data=eval_data, name=name,
         state_dir=state_dir, out_dir=out, poll_s=poll, threads=threads, progress=progress, ca_cert=ca_cert,
-        local_slm=slm)
+        local_slm=slm, device=device)
     _threads(settings.threads)
     from edge_sdk.worker import EdgeWorker, JoinConfig
 
     name = settings.name
-    cfg = JoinConfig(**settings.model_dump(exclude={"threads"}))
+    cfg = JoinConfig(**settings.model_dump(exclude={"threads"}), device=settings.device)
     result = EdgeWorker(cfg, on_event=lambda msg: typer.echo(f"[{name}] {msg}")).run()
     if not result.stopped:
         typer.echo(f"[{name}] final adapter sha256 {result.final_adapter_sha256}")

@@ -138,6 +138,8 @@ def run_quickstart(workdir: Path, num_clients: int = 3, rounds: int = 3, algorit
         "name": f"quickstart-{algorithm}", "algorithm": algorithm, "slm": str(world.slm_dir),
         "llm": str(world.llm_dir), "rounds": rounds, "min_clients": min_clients or num_clients,
         "round_deadline_s": 300.0, "aux_data": str(world.data["aux"]), "eval_data": str(world.data["test"]),
+        # The synthetic answers are a few words: a short generation budget fits them.
+        "eval_max_new_tokens": 24,
         "seed": seed, "enroll_token": enroll_token,
         # After the last round the coordinator exports the co-tuned SLM; each device pulls the
         # build that fits it and answers locally with llama.cpp.
@@ -202,16 +204,19 @@ def _answer_locally(final: dict[str, Any], test_file: Path, n: int = 3) -> dict[
     if not final.get("build_dir"):
         print("device 0 pulled no edge build; skipping the local answers")
         return None
-    from common.ml.batching import format_prompt
     from common.records import read_jsonl
     from edge_sdk.runtime import EdgeModel
+    from edge_sdk.serve.chat import ChatFormatter
 
     model = EdgeModel.load(final["build_dir"])
+    # The chat template the build carries: the one its model was trained with.
+    chat = ChatFormatter.for_model(model)
     name = Path(final["build_dir"]).name
     print(f"\ndevice 0 answers on its own with the {name} build (llama.cpp):")
     rows = []
     for record in read_jsonl(test_file)[:n]:
-        out = model.generate(format_prompt(record.prompt), max_tokens=16, stop=["\n"])
+        prompt = chat.render([m.to_dict() for m in record.messages(with_response=False)])
+        out = model.generate(prompt, max_tokens=16, stop=list(chat.stop))
         rows.append({"prompt": record.prompt, "answer": out.text.strip(), "reference": record.response})
         print(f"  {record.prompt!r} -> {out.text.strip()!r} (reference {record.response!r})")
     return {"build": name, "answers": rows}

@@ -30,6 +30,7 @@ class DeviceContext:
     progress: bool = True
     local_slm: Path | None = None
     coordinator: str = "(unknown)"  # its URL: messages about names it sent say who sent them
+    device: str = "cpu"  # where models load and train: auto, cpu, cuda, cuda:N (common.ml.device)
 
 
 @dataclass

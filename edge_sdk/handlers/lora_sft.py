@@ -65,7 +65,7 @@ class LoraSftHandler(TaskHandler):
         key = tuple(sorted(r.sha256 for r in base_refs)) + (info.task.lora.model_dump_json(),)
         if self._model_key != key:
             model_dir = self.ctx.cache.materialize(base_refs, self.prefix, self.ctx.state_dir / "model" / self.prefix)
-            model, tokenizer = load_checkpoint(model_dir)
+            model, tokenizer = load_checkpoint(model_dir, device=self.ctx.device)
             self._model = (attach_lora(model, info.task.lora, info.task.seed), tokenizer)
             self._model_key = key
         tensors, _ = adapter_from_bytes(self.ctx.cache.fetch(artifact(info, adapter_name)).read_bytes())

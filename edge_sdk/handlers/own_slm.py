@@ -61,7 +61,7 @@ class OwnSlm:
         base = self.base_dir(info)
         key = (str(base.resolve()), info.task.lora.model_dump_json())
         if self._key != key:
-            model, tokenizer = load_checkpoint(base)
+            model, tokenizer = load_checkpoint(base, device=self.ctx.device)
             peft_model = attach_lora(model, info.task.lora, seed=info.task.seed)
             self._initial = adapter_state(peft_model)
             self._model, self._key, self._base_dir = (peft_model, tokenizer), key, base

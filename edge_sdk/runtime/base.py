@@ -35,6 +35,10 @@ class BackendUnavailableError(UnsupportedBuildError):
     """The engine a build needs (llama-cpp-python, onnxruntime, tokenizers) is not installed."""
 
 
+class GpuUnavailableError(BackendUnavailableError):
+    """A GPU was asked for explicitly, but this install (or machine) cannot use one."""
+
+
 class ContextOverflowError(EdgeRuntimeError, ValueError):
     """The prompt does not fit in the model's context window."""
 

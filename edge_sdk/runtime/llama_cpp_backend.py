@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk.runtime.accel import GpuLayers, resolve_gpu_layers
 from edge_sdk.runtime.base import (
     AdapterError,
     Backend,
@@ -134,7 +135,10 @@ class LlamaCppBackend(Backend):
         use_mmap: bool = True,
         flash_attn: bool | None = None,
         verbose: bool = False,
+        n_gpu_layers: GpuLayers | str = "auto",
     ) -> None:
+        """n_gpu_layers: auto (every layer when this llama.cpp can offload to a GPU, else none),
+        all, or a count; asking for layers on a GPU this build cannot use is a GpuUnavailableError."""
         lib = _lib()
         self._lib = lib
         _STATE["verbose"] = verbose
@@ -152,8 +156,9 @@ class LlamaCppBackend(Backend):
         self._active: list[tuple[str, float]] = []
         threads = threads or default_threads()
 
+        gpu_layers = resolve_gpu_layers(n_gpu_layers, bool(lib.llama_supports_gpu_offload()))
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = gpu_layers
         if not use_mmap:
             mparams.load_mode = lib.LLAMA_LOAD_MODE_NONE
         _clear_log()
@@ -201,6 +206,10 @@ class LlamaCppBackend(Backend):
         self._eos = _EndTokens(lib, self._vocab)
         self._path = path
         self._arch = self._meta("general.architecture") or "unknown"
+        self._n_layer = int(lib.llama_model_n_layer(model))
+        # llama.cpp offloads the first min(requested, layers) repeating layers (and the output layer
+        # when every one fits); report the layers that run on the GPU.
+        self._gpu_layers = min(gpu_layers, self._n_layer)
 
     # -- Backend interface -----------------------------------------------------------------
 
@@ -211,6 +220,7 @@ class LlamaCppBackend(Backend):
             threads=self._threads,
             extra={"architecture": self._arch, "description": self._describe(),
                    "n_params": int(self._lib.llama_model_n_params(self._model)),
+                   "gpu": self._gpu_layers > 0, "gpu_layers": self._gpu_layers, "n_layer": self._n_layer,
                    "adapters": list(self._adapters), "active_adapters": list(self._active)},
         )
 
@@ -218,15 +228,21 @@ class LlamaCppBackend(Backend):
     def eos_ids(self) -> Container[int]:
         return self._eos
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """BOS (when the model adds one) and the text's tokens.
+
+        `special` parses special tokens written in the text (a chat template's EOS and turn markers)
+        into their single ids, as the HF tokenizer, the ONNX path and llama.cpp's own server do;
+        off, such text is split like any other.
+        """
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, False)
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, special)
         if n < 0:  # the buffer was too small; -n is the size needed
             cap = -n
             buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, False)
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, special)
         if n < 0:
             raise InferenceError("llama.cpp could not tokenize the prompt", f"llama_tokenize returned {n}")
         return list(buf[:n])
@@ -243,6 +259,20 @@ class LlamaCppBackend(Backend):
                 piece = self._piece_buf.raw[:n]
             self._pieces[token_id] = piece
         return piece
+
+    def chat_template(self) -> str | None:
+        """The GGUF's `tokenizer.chat_template`, if it carries one."""
+        found = self._lib.llama_model_chat_template(self._model, None)
+        return found.decode("utf-8", "replace") if found else None
+
+    def special_token_texts(self) -> dict[str, str | None]:
+        """The text of the BOS and EOS tokens (what a chat template writes for them)."""
+        out: dict[str, str | None] = {}
+        for name, getter in (("bos", self._lib.llama_vocab_bos), ("eos", self._lib.llama_vocab_eos)):
+            token = int(getter(self._vocab))
+            text = self._lib.llama_vocab_get_text(self._vocab, token) if 0 <= token < self._n_vocab else None
+            out[name] = text.decode("utf-8", "replace") if text else None
+        return out
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer:
         # Pieces carry their own spaces (lstrip=0): no prompt context needed.

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from common.digest import file_sha256
 from common.manifest import MANIFEST_NAME, BuildManifest
+from edge_sdk.runtime.accel import GpuLayers, Providers, parse_gpu_layers, parse_providers
 from edge_sdk.runtime.base import (
     AdapterError,
     Backend,
@@ -110,6 +111,8 @@ class EdgeModel:
         adapter: str | Path | None = None,
         verbose: bool = False,
         engine_options: dict[str, Any] | None = None,
+        n_gpu_layers: GpuLayers | str = "auto",
+        providers: Providers = "auto",
     ) -> EdgeModel:
         """Load a build: a directory with manifest.json, a manifest.json path, or a BuildManifest
         (with build_dir). A bare .gguf file also works, for models made outside cotune. A
@@ -122,8 +125,17 @@ class EdgeModel:
         adapter: a GGUF LoRA build (or .gguf file) to load and switch on at scale 1.
         engine_options: passed to the backend: for llama.cpp n_batch, use_mmap, flash_attn
         (None = llama.cpp's choice); for ONNX Runtime prefill_chunk.
+        n_gpu_layers (llama.cpp builds): auto (default: every layer on the GPU when this
+        llama-cpp-python can offload, else none), all, or a count.
+        providers (ONNX builds): auto (default: CUDA when this onnxruntime has it, then the CPU),
+        cpu, cuda, tensorrt, or a list of execution provider names.
+        Asking explicitly for a GPU this install cannot use is a GpuUnavailableError that names
+        what to install; `describe()` says what was chosen.
         """
         t0 = time.perf_counter()
+        # Both are checked whichever engine the build needs, so a typo never waits for another build.
+        parse_gpu_layers(n_gpu_layers)
+        parse_providers(providers)
         lora_build: tuple[BuildManifest, Path] | None = None
         base_sha: str | None = None
         if not isinstance(build, BuildManifest) and Path(build).suffix == ".gguf" and Path(build).is_file():
@@ -163,7 +175,7 @@ class EdgeModel:
             from edge_sdk.runtime.llama_cpp_backend import LlamaCppBackend
 
             engine = LlamaCppBackend(model_path, n_ctx=n_ctx, threads=threads, verbose=verbose,
-                                     **(engine_options or {}))
+                                     n_gpu_layers=n_gpu_layers, **(engine_options or {}))
         else:
             from edge_sdk.runtime.onnx_backend import OnnxBackend
 
@@ -173,7 +185,7 @@ class EdgeModel:
                                      "ONNX builds carry tokenizer.json for the tokenizers library",
                                      "re-export the build with its tokenizer")
             engine = OnnxBackend(model_path, root / manifest.tokenizer_file, n_ctx=n_ctx, threads=threads,
-                                 **(engine_options or {}))
+                                 providers=providers, **(engine_options or {}))
         model = cls(engine, manifest, root, 0.0)
         model._base_sha = base_sha
         if lora_build is not None:
@@ -314,6 +326,8 @@ class EdgeModel:
         return Path(self._backend.info.model_path)
 
     def describe(self) -> dict[str, Any]:
+        """What is loaded and how it runs: backend, format, quantization, sizes, and the accelerator
+        chosen (`gpu`; llama.cpp's `gpu_layers` of `n_layer`, ONNX Runtime's session `providers`)."""
         info = self._backend.info
         m = self.manifest
         return {

@@ -25,12 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk.runtime.accel import (
+    CPU_EP,
+    CUDA_EP,
+    TENSORRT_EP,
+    Providers,
+    parse_providers,
+    resolve_providers,
+)
 from edge_sdk.runtime.base import (
     Backend,
     BackendInfo,
     BackendUnavailableError,
     ContextOverflowError,
     Detokenizer,
+    GpuUnavailableError,
     InferenceError,
     ModelFileError,
     UnsupportedBuildError,
@@ -111,8 +120,12 @@ class OnnxBackend(Backend):
         threads: int | None = None,
         prefill_chunk: int = 128,
         eos_ids: Sequence[int] | None = None,
+        providers: Providers | None = "auto",
     ) -> None:
+        """providers: auto (CUDA when this onnxruntime has it, then the CPU), cpu, cuda, tensorrt,
+        or a list of provider names; a GPU provider this onnxruntime lacks is a GpuUnavailableError."""
         ort, tokenizers = _imports()
+        chosen = resolve_providers(providers, ort.get_available_providers(), ort.get_all_providers())
         model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
         if not model_path.is_file():
             raise ModelFileError(f"model file {model_path} does not exist", None,
@@ -133,12 +146,25 @@ class OnnxBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self._sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(str(model_path), opts, providers=chosen)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFileError(f"ONNX Runtime could not load {model_path}", first,
                                  "the file may be truncated or corrupt, or need a newer onnxruntime; "
                                  "fetch the build again or upgrade onnxruntime") from None
+        self._providers = list(self._sess.get_providers())
+        # onnxruntime drops a GPU provider it cannot start (no CUDA or cuDNN libraries) with only a
+        # log line; that is fine for auto, not for a provider the caller named.
+        dropped = [p for p in chosen if p != CPU_EP and p not in self._providers]
+        if dropped and parse_providers(providers) != "auto":
+            self._sess = None
+            raise GpuUnavailableError(f"ONNX Runtime could not start {', '.join(dropped)}",
+                                      f"the session runs on {', '.join(self._providers)} only; the CUDA or cuDNN "
+                                      "libraries this onnxruntime-gpu needs may be missing or of another version",
+                                      "install the CUDA and cuDNN versions onnxruntime-gpu's documentation lists, "
+                                      "or load with providers auto or cpu")
+        # On a GPU provider the KV cache stays in device memory between steps; on the CPU it is host memory.
+        self._kv_device = "cuda" if self._providers and self._providers[0] in (CUDA_EP, TENSORRT_EP) else "cpu"
         self._ort = ort
         self._threads = threads
         self._path = model_path
@@ -243,7 +269,8 @@ class OnnxBackend(Backend):
     def info(self) -> BackendInfo:
         return BackendInfo(name=self.name, model_path=str(self._path), context_length=self._n_ctx,
                            vocab_size=self._vocab, threads=self._threads,
-                           extra={"layers": len(self._layers), "kv_heads": self._kv_heads,
+                           extra={"providers": list(self._providers), "gpu": self._kv_device != "cpu",
+                                  "layers": len(self._layers), "kv_heads": self._kv_heads,
                                   "head_dim": self._head_dim, "kv_dtype": np.dtype(self._kv_dtype).name})
 
     @property
@@ -312,7 +339,7 @@ class OnnxBackend(Backend):
         else:
             io.bind_output("logits", "cpu")
         for name in self._present_names:
-            io.bind_output(name, "cpu")
+            io.bind_output(name, self._kv_device)
         try:
             self._sess.run_with_iobinding(io)
         except Exception as exc:  # noqa: BLE001

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -253,6 +254,9 @@ def create_app(engine: ServeEngine, chat: ChatFormatter | None = None, *, max_bo
             raise ApiError(400, f"The messages do not fit this model's chat template: {exc}",
                            code="invalid_messages", param="messages") from None
         params = _params(req, req.token_limit())
+        # The template's own stop text ends chat answers as it ends them in evaluation.
+        extra = tuple(s for s in formatter.stop if s not in params.stop)
+        params = replace(params, stop=params.stop + extra)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def base(source: str = "local") -> dict[str, Any]:
