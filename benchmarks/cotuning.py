@@ -215,7 +215,7 @@ class Run:
             "llm": str(self.world.llm_dir), "rounds": self.rounds, "min_clients": len(self.world.devices),
             "aux_data": str(self.world.aux[self.cfg.aux]), "seed": self.seed, "lora": self.lora(),
             "train": s["train"], "distill": {**s["distill"], **m.distill}, "params": params,
-            "eval_max_new_tokens": self.world.max_new_tokens,
+            "eval_max_new_tokens": self.world.max_new_tokens, "update_encoding": m.encoding,
         })
 
     def run(self) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ Ablations that isolate co-tuning's share:
   data and the LLM is fine-tuned on the auxiliary data alone (`llm-aux-only`);
 - fedcollm-oneway: FedCoLLM with a frozen LLM that only teaches the SLM;
 - crosslm-answers: CrossLM with the LLM answering pool prompts, whichever synthesis was chosen.
-FedAvg also runs with each exact LoRA aggregation (FFA-LoRA, SVD re-factorisation).
+FedAvg also runs with each exact LoRA aggregation (FFA-LoRA, SVD re-factorisation), and with each
+update encoding (fp16, int8 per tensor, int8 per rank component) to price the bytes they save.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Method:
     distill: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the method's frozen params
     labelled_aux: bool = False  # only meaningful when the auxiliary data carries answers
+    encoding: str = "fp32"  # RunSpec.update_encoding: how the devices' updates travel
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -43,6 +45,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedavg", "strategy", "fedavg", lora={"aggregation": "factors"}),
     Method("fedavg-ffa", "strategy", "fedavg", lora={"aggregation": "ffa"}),
     Method("fedavg-svd", "strategy", "fedavg", lora={"aggregation": "svd"}),
+    Method("fedavg-fp16", "strategy", "fedavg", lora={"aggregation": "factors"}, encoding="fp16"),
+    Method("fedavg-int8-tensor", "strategy", "fedavg", lora={"aggregation": "factors"}, encoding="int8-tensor"),
+    Method("fedavg-int8-row", "strategy", "fedavg", lora={"aggregation": "factors"}, encoding="int8-row"),
     Method("fedcollm", "strategy", "fedcollm", llm=True),
     Method("fedavg+aux", "strategy", "fedcollm", llm=True, distill={"lambda_kd": 0.0}, labelled_aux=True),
     Method("fedcollm-oneway", "strategy", "fedcollm", distill={"direction": "llm_to_slm"}),

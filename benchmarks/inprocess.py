@@ -8,7 +8,8 @@ included), and `RoundDriver.tick()` moves each round through the round state mac
 (ARCHITECTURE.md, "Round state machine") over the in-memory SQL state (ARCHITECTURE.md,
 "State interface"). Only the REST transport is left out. Bytes are the coordinator's own
 per-round transfer figures: a download is an artifact the device's cache did not hold yet,
-an upload is the update body.
+an upload is the update body. The coordinator's side (cotune/simulation/coordinator.py) is the
+one `cotune simulate` runs; here every device works in this process, one after another.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from cloud.coordinator import Coordinator
-from cloud.rounds import RoundDriver
-from cloud.settings import CoordinatorSettings
-from cloud.state import SqlState
-from cloud.state.records import ClientRecord, Direction, TransferTotal
-from cloud.state.records import RoundRecord as StateRound
-from cloud.state.sql import MEMORY_URL
+from cloud.state.records import ClientRecord, Direction
 from cloud.strategies import Strategy
-from common.protocol import ArtifactRef, ClientRegistration, RoundInfo, RoundState, RunState
+from common.protocol import ArtifactRef, RoundInfo, RoundState
 from common.records import TaskRecord
-from edge_sdk.handlers import DeviceContext, TaskHandler, handler_for, task_kinds
+from cotune.simulation.coordinator import RoundMachine, enroll, in_memory_coordinator, transfer_bytes, upload
+from edge_sdk.handlers import DeviceContext, TaskHandler, handler_for
+from edge_sdk.update_encoding import encode_payload
 from edge_sdk.worker import ArtifactCache, encode_update
 
 
@@ -88,19 +86,15 @@ def run_inprocess(
     `run_id` names the run. `after_round(record, devices)` runs after each round closes,
     e.g. to evaluate models.
     """
-    work_dir = Path(work_dir)
-    settings = CoordinatorSettings(state_url=MEMORY_URL, artifact_dir=strategy.store.root,
-                                   work_dir=work_dir / "coordinator")
     # The coordinator runs this very strategy instance, so the caller can look into its models.
-    coordinator = Coordinator(settings, state=SqlState.in_memory(), store=strategy.store,
-                              factory=lambda _spec: strategy)
+    coordinator = in_memory_coordinator(Path(work_dir), strategy.store, factory=lambda _spec: strategy)
     try:
         spec = strategy.spec.model_copy(update={"name": run_id, "rounds": rounds, "min_clients": len(devices),
                                                 "builds": [], "enroll_token": None})
         created = coordinator.runs.create(spec)
         for dev in devices:
             _enroll(coordinator, created.enroll_token, dev)
-        machine = _Machine(coordinator, created.run_id)
+        machine = RoundMachine(coordinator, created.run_id)
         history = []
         for number in range(1, rounds + 1):
             machine.tick_until(lambda rnd, n=number: rnd.number == n and rnd.state is RoundState.collecting)
@@ -113,9 +107,10 @@ def run_inprocess(
             machine.tick_until(lambda rnd, n=number: rnd.number > n or rnd.state is RoundState.closed)
             server_s = time.perf_counter() - started
             closed = coordinator.state.get_round(created.run_id, number)
-            totals = coordinator.state.transfer_totals(created.run_id, number)
+            clients = [dev.client for dev in devices]
             record = RoundRecord(number, infos[0], closed.metrics, dict(closed.outputs or {}),
-                                 _bytes(totals, devices, Direction.up), _bytes(totals, devices, Direction.down),
+                                 transfer_bytes(coordinator, created.run_id, number, clients, Direction.up),
+                                 transfer_bytes(coordinator, created.run_id, number, clients, Direction.down),
                                  device_s, server_s)
             history.append(record)
             if after_round is not None:
@@ -126,13 +121,7 @@ def run_inprocess(
 
 
 def _enroll(coordinator: Coordinator, enroll_token: str, dev: Device) -> None:
-    slm = None
-    if dev.local_slm is not None:
-        from common.checkpoint import describe_local_slm
-
-        slm = describe_local_slm(dev.local_slm)
-    creds = coordinator.runs.enroll(enroll_token, ClientRegistration(name=dev.name, task_kinds=task_kinds(), slm=slm))
-    dev.client = coordinator.state.get_client(creds.client_id)
+    dev.client = enroll(coordinator, enroll_token, dev.name, dev.local_slm)
     dev.transport = CoordinatorTransport(coordinator, dev.client)
 
 
@@ -145,34 +134,8 @@ def _take_part(coordinator: Coordinator, run_id: str, dev: Device) -> RoundInfo:
                             cache=ArtifactCache(dev.state_dir / "cache", dev.transport),  # type: ignore[arg-type]
                             state_dir=dev.state_dir, say=lambda _msg: None, progress=False, local_slm=dev.local_slm)
         dev.handler = handler_for(info.task.kind)(ctx)
-    body = encode_update(dev.handler.run(info), info.task.kind)
-    # Where the HTTP route spools an upload; accepting it moves the file into the store.
-    spooled = coordinator.spool_dir / f"{dev.client.id}-{info.round}.safetensors"
-    spooled.write_bytes(body)
-    coordinator.updates.check_can_upload(dev.client, run_id, info.round, dev.client.id)
-    coordinator.updates.accept_update(dev.client, run_id, info.round, spooled)
+    # The run's update encoding, as the join loop applies it (edge_sdk/update_encoding.py).
+    body = encode_update(encode_payload(dev.handler.run(info), info, dev.handler.ctx.cache), info.task.kind)
+    upload(coordinator, dev.client, run_id, info.round, body)
     dev.bytes_up += len(body)
     return info
-
-
-def _bytes(totals: list[TransferTotal], devices: Sequence[Device], direction: Direction) -> list[int]:
-    by_client = {t.client_id: t.bytes for t in totals if t.direction is direction}
-    return [by_client.get(dev.client.id, 0) if dev.client is not None else 0 for dev in devices]
-
-
-class _Machine:
-    """The round driver, ticked by hand until the run's current round reaches a condition."""
-
-    def __init__(self, coordinator: Coordinator, run_id: str) -> None:
-        self.state = coordinator.state
-        self.run_id = run_id
-        self.driver: RoundDriver = coordinator.driver()
-
-    def tick_until(self, reached: Callable[[StateRound], bool]) -> None:
-        while not reached(self.state.current_round(self.run_id)):
-            if self.driver.tick():
-                continue
-            run, rnd = self.state.get_run(self.run_id), self.state.current_round(self.run_id)
-            if run.state is RunState.failed:
-                raise RuntimeError(f"the run failed: {run.error}")
-            raise RuntimeError(f"round {rnd.number} is stuck in {rnd.state.value} ({run.state.value} run)")

@@ -20,6 +20,7 @@ from cotune.cli.edge_export import edge_export
 from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
 from cotune.cli.edge_serve import edge_serve
 from cotune.cli.export import export_command
+from cotune.cli.simulate import simulate_command
 
 app = typer.Typer(
     name="cotune",
@@ -43,6 +44,7 @@ _state: dict[str, Any] = {"debug": False}
 
 # Commands written beside this file; their heavy imports happen only when they run.
 app.command("export")(export_command)
+app.command("simulate")(simulate_command)
 edge_app.command("generate")(edge_generate)
 edge_app.command("bench")(edge_bench)
 edge_app.command("export")(edge_export)
