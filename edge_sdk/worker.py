@@ -8,6 +8,7 @@ coordinator accepts once) instead of training again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -168,16 +169,25 @@ class EdgeWorker:
 
     def _credentials(self) -> ClientCredentials:
         path = self.state_dir / "credentials.json"
+        # Which enroll token the credentials came from (its digest): another token means another
+        # run, which these credentials cannot join.
+        token_digest = hashlib.sha256(self.config.enroll_token.encode()).hexdigest()
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("coordinator") == self.config.coordinator:
                 creds = ClientCredentials.model_validate(saved["credentials"])
                 self._check_ids(creds)
+                if saved.get("enroll_token_sha256", token_digest) != token_digest:
+                    raise RuntimeError(
+                        f"the state directory {self.state_dir} holds this device's enrollment in run {creds.run_id} "
+                        "of this coordinator, made with another enroll token; a state directory takes part in one "
+                        "run: to join another, give another --state-dir (or move this one aside)")
                 self.client.token = creds.token
                 return creds
         creds = self.client.register(self.config.enroll_token, self.registration())
         self._check_ids(creds)  # before they are kept: they name files in the state dir
-        write_private(path, json.dumps({"coordinator": self.config.coordinator, "credentials": creds.model_dump()}))
+        write_private(path, json.dumps({"coordinator": self.config.coordinator, "enroll_token_sha256": token_digest,
+                                        "credentials": creds.model_dump()}))
         self.say(f"enrolled as client {creds.client_id} in run {creds.run_id}")
         return creds
 

@@ -328,3 +328,20 @@ def test_device_restarts_with_a_complete_part_file(live: CoordinatorProcess, tmp
         assert not part.exists()
     finally:
         client.close()
+
+
+def test_a_new_enroll_token_is_not_silently_ignored(box: Path) -> None:
+    """A state directory enrolled in one run, started with another run's enroll token, stops with
+    what to do instead of joining the old run again."""
+    fake = FakeCoordinator(_serve(_round([])))
+    try:
+        _worker(box, fake.url)._credentials()
+        again = _worker(box, fake.url)._credentials()  # the same token: the same enrollment, kept
+        assert again.token == "device-token"
+        other = EdgeWorker(JoinConfig(coordinator=fake.url, enroll_token="another-run", data=box / "data.jsonl",
+                                      state_dir=box / "state", poll_s=0.05, progress=False),
+                           on_event=lambda msg: None)
+        with pytest.raises(RuntimeError, match="another enroll token.*--state-dir"):
+            other._credentials()
+    finally:
+        fake.close()

@@ -19,8 +19,14 @@ Providers = str | Sequence[str]
 
 # llama.cpp offloads every layer when asked for more than the model has (its -ngl 999 idiom).
 ALL_LAYERS = 0x7FFFFFFF
-LLAMA_GPU_INSTALL = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
-ORT_GPU_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+# The version cotune pins (pyproject.toml, edge-llama), rebuilt with CUDA: an unpinned reinstall
+# would pull a newer llama-cpp-python than the one the runtime is written and tested against.
+LLAMA_GPU_INSTALL = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+                     '"llama-cpp-python==0.3.36"')
+# PyPI's onnxruntime-gpu has x86-64 and Windows wheels only; on a Jetson (aarch64) it comes from
+# NVIDIA's Jetson Zoo / JetPack index instead (docs/deploy.md).
+ORT_GPU_INSTALL = ("pip uninstall onnxruntime && pip install onnxruntime-gpu (x86-64; on a Jetson, the "
+                   "onnxruntime-gpu wheel for its JetPack, see docs/deploy.md)")
 CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # What `auto` picks from, best first; other providers (Azure, DirectML, ...) only when named.
 # TensorRT only when named: our decoder graphs take a KV cache whose length grows every step,
