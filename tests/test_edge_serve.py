@@ -330,3 +330,25 @@ def test_credentials_must_belong_to_the_coordinator(tmp_path: Path) -> None:
     creds.write_text("[]")
     with pytest.raises(typer.BadParameter, match="not a credentials file"):
         read_client_token(creds, "http://a")
+
+
+def test_serve_runs_from_a_config_file_and_the_environment(builds: dict[str, Path], tmp_path: Path) -> None:
+    """Like a service: the build, model name and adapters from a TOML file, the port from the
+    environment; a key the server does not know is refused with its name."""
+    config = tmp_path / "serve.toml"
+    config.write_text(f'build = "{builds["base"]}"\nmodel_name = "svc"\nadapters = ["{builds["lora"]}"]\n'
+                      'threads = 1\nport = 1\n')
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cotune_cmd("edge", "serve", "--config", str(config)), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env={**child_env(), "COTUNE_SERVE_PORT": str(port)})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, what=f"edge serve (log: {log})")
+        ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]]
+        assert ids[0] == "svc" and any(i.startswith("svc:") for i in ids)
+    finally:
+        _stop(proc)
+    config.write_text(f'build = "{builds["base"]}"\nmodel = "typo"\n')
+    bad = subprocess.run(cotune_cmd("edge", "serve", "--config", str(config)), capture_output=True, text=True,
+                         env=child_env(), timeout=60)
+    assert bad.returncode != 0 and "model" in bad.stderr and "Extra inputs" in bad.stderr
