@@ -98,6 +98,31 @@ class TrainSpec(_Strict):
         512, ge=8, le=32_768, description="tokens per training sequence (prompt, chat template and reply); "
         "longer records are cut at the end, counted as truncated_records in the training report")
     max_steps: int | None = Field(None, ge=1)
+    # Opt-in speedups and memory savings (common/ml/train_options.py); the defaults train exactly as before.
+    bucket_window: int | None = Field(
+        None, ge=1, description="length bucketing: batches pooled this many at a time and sorted by length "
+        "(less padding); the same examples in batches of the same sizes")
+    optimizer: Literal["default", "foreach", "fused"] = Field(
+        "default", description="AdamW implementation: torch's per-tensor loop (default), multi-tensor, or fused")
+    labelled_logits: bool = Field(
+        False, description="run the output head only where the next token is trained (the reply); for a "
+        "large vocabulary most of the forward pass and of its memory")
+    loss_chunk: int | None = Field(
+        None, ge=1, description="head + loss over this many positions at a time, recomputed in backward "
+        "(bounds the logits' memory; for Gemma's 262k-word vocabulary, 1 MiB per position)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward instead of keeping its activations")
+
+    @model_serializer(mode="wrap")
+    def _default_options_unsaid(self, handler: SerializerFunctionWrapHandler):
+        # Defaults go unsaid, so a spec or task that turns nothing on serialises as before.
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, default in (("bucket_window", None), ("optimizer", "default"), ("labelled_logits", False),
+                                  ("loss_chunk", None), ("gradient_checkpointing", False)):
+                if data.get(name, default) == default:
+                    data.pop(name, None)
+        return data
 
 
 class DistillSpec(_Strict):

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 log = logging.getLogger("cotune.train")
 
-__all__ = ["IGNORE_INDEX", "TruncationCounts", "collate", "encode_record", "encode_records", "encode_sft",
-           "end_token_ids", "format_prompt", "iterate_batches", "prompt_ids"]
+__all__ = ["IGNORE_INDEX", "TruncationCounts", "bucket_batches", "collate", "encode_record", "encode_records",
+           "encode_sft", "end_token_ids", "format_prompt", "iterate_batches", "prompt_ids", "training_batches"]
 
 def _special_id(tokenizer: Any, name: str) -> int | None:
     # Works for transformers tokenizers (`eos_token_id`) and raw `tokenizers.Tokenizer`s.
@@ -257,3 +257,50 @@ def iterate_batches(
             batch.append(examples[order.pop()])
             taken += 1
         yield batch
+
+
+def _example_len(example: Any) -> int:
+    return len(example["input_ids"])
+
+
+def bucket_batches(batches: Iterable[list[Any]], window: int, seed: int,
+                   length: Callable[[Any], int] = _example_len) -> Iterator[list[Any]]:
+    """Length bucketing: the same examples in batches of the same sizes, each batch made of
+    examples of similar length, so a right-padded batch carries less padding.
+
+    Every `window` consecutive batches are pooled, sorted by length (stably) and cut again
+    into batches of the sizes they came in; their order within the window is then shuffled,
+    seeded, so long and short batches alternate rather than trending. An example stays in the
+    window (the slice of the seeded stream) it was drawn in, so every example is yielded
+    exactly as often as in `batches`, and the same batches and seed give the same result.
+    """
+    if window < 1:
+        raise ValueError(f"bucket window must be >= 1 batch, got {window}")
+    rng = random.Random(f"cotune-bucket:{seed}")
+    pending: list[list[Any]] = []
+
+    def flush() -> Iterator[list[Any]]:
+        pool = sorted((ex for batch in pending for ex in batch), key=length)
+        out: list[list[Any]] = []
+        start = 0
+        for size in (len(batch) for batch in pending):
+            out.append(pool[start:start + size])
+            start += size
+        rng.shuffle(out)
+        pending.clear()
+        yield from out
+
+    for batch in batches:
+        pending.append(batch)
+        if len(pending) == window:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def training_batches(examples: Sequence[Any], batch_size: int, seed: int, epochs: float | None,
+                     max_steps: int | None = None, bucket_window: int | None = None) -> Iterator[list[Any]]:
+    """The batches a training loop takes: `iterate_batches`' seeded order, length-bucketed over
+    windows of `bucket_window` batches when one is given (`bucket_batches`)."""
+    batches = iterate_batches(examples, batch_size, seed, epochs, max_steps)
+    return batches if bucket_window is None else bucket_batches(batches, bucket_window, seed)

@@ -1,5 +1,9 @@
 """Supervised fine-tuning loops: LoRA SFT on a device's records, and `run_sft`, the loop it
-shares with the demo's full-parameter pretraining."""
+shares with the demo's full-parameter pretraining.
+
+`TrainOptions` (common.ml.train_options) turns on speed and memory optimizations one by one;
+without them the loops run exactly as they always have, result for result.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from common.ml.batching import (
     _special_ids,
     collate,
     encode_records,
-    iterate_batches,
+    training_batches,
 )
 from common.ml.device import model_device, rng_devices, to_device
+from common.ml.train_options import TrainOptions, adamw, batch_loss, gradient_checkpointing
 
 if TYPE_CHECKING:
     import torch
@@ -81,13 +86,15 @@ def training_report(losses: Sequence[float], num_samples: int, started: float) -
             "seconds": time.perf_counter() - started}
 
 
-def optimizer_step(loss: Any, optimizer: Any, params: Sequence[Any], max_grad_norm: float = 1.0) -> float:
-    """One update from `loss` with its gradient norm clipped (every training loop here); the loss value."""
+def optimizer_step(loss: Any, optimizer: Any, params: Sequence[Any], max_grad_norm: float = 1.0,
+                   foreach: bool | None = None) -> float:
+    """One update from `loss` with its gradient norm clipped (every training loop here); the loss value.
+    `foreach` picks torch's multi-tensor norm (None: torch's own choice, per-tensor on CPU)."""
     import torch
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=foreach)
     optimizer.step()
     return float(loss.detach())
 
@@ -107,8 +114,11 @@ def run_sft(
     progress: bool | ProgressFn,
     warmup_cosine: bool,
     desc: str,
+    options: TrainOptions | None = None,
 ) -> dict[str, Any]:
     """The SFT loop shared by LoRA training and full pretraining.
+
+    `options` turns on opt-in optimizations (TrainOptions); None or the defaults change nothing.
 
     The report counts the records cut to `max_len` (`truncated_records`) and left out because the
     prompt alone filled it (`dropped_records`); either is also logged as a warning.
@@ -131,7 +141,8 @@ def run_sft(
     # The fork keeps the caller's RNG state untouched; inside, the seed fixes dropout.
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opts = options or TrainOptions()
+        optimizer = adamw(params, lr, opts.optimizer)
         scheduler = None
         if warmup_cosine:
             # Short warmup then cosine decay: converges quickly from a random init.
@@ -146,18 +157,25 @@ def run_sft(
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         bar = _Progress(progress, total, desc)
         losses: list[float] = []
+        # The multi-tensor gradient norm goes with the multi-tensor and fused optimizers.
+        foreach = True if opts.optimizer != "default" else None
         model.train()
         try:
-            batches = iterate_batches(examples, batch_size, seed, epochs, max_steps)
-            for step, batch in enumerate(batches):
-                tensors = to_device(collate(batch, pad_id), device)
-                logits = model(
-                    input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
-                ).logits
-                losses.append(optimizer_step(_response_ce(logits, tensors["labels"]), optimizer, params))
-                if scheduler is not None:
-                    scheduler.step()
-                bar.update(step + 1, losses[-1])
+            batches = training_batches(examples, batch_size, seed, epochs, max_steps, opts.bucket_window)
+            with gradient_checkpointing(model, opts.gradient_checkpointing):
+                for step, batch in enumerate(batches):
+                    tensors = to_device(collate(batch, pad_id), device)
+                    if opts.default_loss:
+                        logits = model(
+                            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+                        ).logits
+                        loss = _response_ce(logits, tensors["labels"])
+                    else:
+                        loss = batch_loss(model, tensors, opts)
+                    losses.append(optimizer_step(loss, optimizer, params, foreach=foreach))
+                    if scheduler is not None:
+                        scheduler.step()
+                    bar.update(step + 1, losses[-1])
         finally:
             bar.close()
             model.eval()
@@ -189,13 +207,17 @@ def train_lora(
     spec: TrainSpec,
     seed: int,
     progress: bool | ProgressFn = False,
+    options: TrainOptions | None = None,
 ) -> dict[str, Any]:
     """LoRA SFT of a peft model on `records` (loss on responses only); base weights frozen.
 
     Returns {"steps", "loss_first", "loss_last", "loss_mean", "num_samples", "seconds",
     "truncated_records", "dropped_records"}.
     The same model, records, spec and seed give the same adapter. Leaves the model in
-    eval mode. `progress` is a bool (tqdm bar) or a callable(step, total, loss).
+    eval mode. `progress` is a bool (tqdm bar) or a callable(step, total, loss). `options`: opt-in
+    speed and memory optimizations (common.ml.train_options.TrainOptions; by default those the
+    spec asks for, none so far); without them the trainer is exactly the one every released
+    result came from.
     """
     params = _lora_only(model)
     return run_sft(
@@ -212,4 +234,5 @@ def train_lora(
         progress=progress,
         warmup_cosine=False,
         desc="lora",
+        options=options if options is not None else TrainOptions.from_spec(spec),
     )

@@ -15,6 +15,7 @@ import typer
 
 from cotune.cli.admin import builds_app, devices_app, runs_app, watch
 from cotune.cli.bench_quality import bench_quality
+from cotune.cli.bench_train import bench_train
 from cotune.cli.edge_doctor import edge_doctor
 from cotune.cli.edge_export import edge_export
 from cotune.cli.edge_runtime import bench_latency, edge_bench, edge_generate
@@ -52,6 +53,7 @@ edge_app.command("serve")(edge_serve)
 edge_app.command("doctor")(edge_doctor)
 bench_app.command("latency")(bench_latency)
 bench_app.command("quality")(bench_quality)
+bench_app.command("train")(bench_train)
 
 
 def _version(value: bool) -> None:
