@@ -17,7 +17,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import secrets
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.report import Column, machine_info, markdown_table
 from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES
 from common.tensorfile import load_arrays, save_arrays
@@ -296,9 +296,7 @@ COLUMNS = ["clients", "concurrency", "replicas", "state", "requests", "errors", 
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, [Column(c, c) for c in COLUMNS])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -348,8 +346,7 @@ def run_load_benchmark(ns: list[int], out_dir: Path, concurrency: int | list[int
     table = markdown(rows)
     load = os.getloadavg()
     meta = {"benchmark": "coordinator_load", "rows": rows,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "load_average_after": [round(x, 2) for x in load]},
+            "machine": {**machine_info(), "load_average_after": [round(x, 2) for x in load]},
             "note": "coordinators, load balancer and simulated devices share this machine"}
     (out_dir / "coordinator_load.json").write_text(json.dumps(meta, indent=2))
     (out_dir / "coordinator_load.md").write_text(table + "\n")

@@ -13,7 +13,6 @@ Writes JSON, a markdown table and a PNG plot under the output directory.
 from __future__ import annotations
 
 import json
-import platform
 import secrets
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.report import Column, machine_info, markdown_table
 from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES, DeviceProfile
 from common.secagg.ring import layout_of
@@ -195,9 +195,7 @@ COLUMNS = ["devices", "secure", "neighbours", "threshold", "adapter_kib", "up_ki
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, [Column(c, c) for c in COLUMNS])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -236,7 +234,7 @@ def run_secagg_benchmark(ns: list[int], out_dir: Path) -> list[dict[str, Any]]:
                 rows.append(run_round(n, model_dir, work, secure))
     table = markdown(rows)
     meta = {"benchmark": "secure_aggregation_cost", "rows": rows,
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+            "machine": machine_info(),
             "note": "coordinator and simulated devices share this machine; devices act one after another"}
     (out_dir / "secagg_cost.json").write_text(json.dumps(meta, indent=2))
     (out_dir / "secagg_cost.md").write_text(table + "\n")

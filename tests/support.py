@@ -128,3 +128,39 @@ def join_cmd(coord: CoordinatorProcess, world: TinyWorld, k: int, state_dir: Pat
     return cotune_cmd("edge", "join", "--coordinator", coord.url, "--enroll-token", coord.run["enroll_token"],
                       "--data", str(world.data[f"client_{k}"]), "--name", f"device-{k}",
                       "--state-dir", str(state_dir), "--threads", "1", "--poll", "0.3", "--no-progress")
+
+
+def wait_finished(coord: CoordinatorProcess, run_id: str, timeout: float = 120) -> dict[str, Any]:
+    """The run's status once it is no longer running; AssertionError (with the log) after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = coord.status(run_id)
+        if status["state"] != "running":
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"run did not finish:\n{coord.log_tail()}")
+
+
+def join_all(coord: CoordinatorProcess, world: TinyWorld, root: Path, count: int,
+             timeout: float = 300) -> dict[str, Any]:
+    """`count` real `cotune edge join` devices (device k on the data of client k modulo the world's
+    clients) take part until the run ends; the run's status then. A device that fails is an
+    AssertionError with its log; none is left running."""
+    from cotune.demo.quickstart import child_env
+
+    clients = sum(1 for key in world.data if key.startswith("client_") and not key.endswith("_test"))
+    devices: list[subprocess.Popen] = []
+    try:
+        for k in range(count):
+            log = (root / f"device-{k}.log").open("w")
+            devices.append(subprocess.Popen(join_cmd(coord, world, k % clients, root / f"device-{k}"),
+                                            stdout=log, stderr=subprocess.STDOUT, env=child_env()))
+        for k, proc in enumerate(devices):
+            assert proc.wait(timeout) == 0, f"device {k} failed:\n{(root / f'device-{k}.log').read_text()[-3000:]}"
+        return coord.status(coord.run_id())
+    finally:
+        for proc in devices:
+            if proc.poll() is None:
+                proc.kill()

@@ -3,8 +3,6 @@ no accepted update is lost or counted twice."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 
@@ -12,17 +10,7 @@ from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES, DeviceProfile
 from common.tensorfile import load_arrays, save_arrays
 from edge_sdk.client import CoordinatorClient
-from tests.support import CoordinatorProcess, run_spec
-
-
-def _wait_finished(coord: CoordinatorProcess, run_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = coord.status(run_id)
-        if status["state"] != "running":
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"run did not finish:\n{coord.log_tail()}")
+from tests.support import CoordinatorProcess, run_spec, wait_finished
 
 
 def test_kill_mid_round_then_resume(world, tmp_path, state_url) -> None:
@@ -48,7 +36,7 @@ def test_kill_mid_round_then_resume(world, tmp_path, state_url) -> None:
         # a's update survived the crash: sending it again is recognised, not counted twice.
         assert a.upload_update(run_id, 1, ca.client_id, body_a).duplicate is True
         assert b.upload_update(run_id, 1, cb.client_id, body_b).duplicate is False
-        status = _wait_finished(coord, run_id)
+        status = wait_finished(coord, run_id)
         assert status["state"] == "finished", status["error"]
         summary = status["rounds"][-1]
         assert summary["num_updates"] == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,24 +11,15 @@ import httpx
 from common.manifest import BuildManifest
 from common.methods import fedcollm
 from common.ml.batching import format_prompt
-from cotune.demo.quickstart import child_env
 from edge_sdk.runtime import EdgeModel
-from tests.support import CoordinatorProcess, join_cmd, run_spec
+from tests.support import CoordinatorProcess, join_all, run_spec
 
 
 def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
     coord = CoordinatorProcess(tmp_path / "coord", run=run_spec(world, name="e2e", rounds=2,
                                                                 builds=["gguf:f32"])).start()
-    devices = []
     try:
-        for k in range(2):
-            log = (tmp_path / f"device-{k}.log").open("w")
-            devices.append(subprocess.Popen(join_cmd(coord, world, k, tmp_path / f"device-{k}"),
-                                            stdout=log, stderr=subprocess.STDOUT, env=child_env()))
-        for k, proc in enumerate(devices):
-            code = proc.wait(300)
-            assert code == 0, f"device {k} failed:\n{(tmp_path / f'device-{k}.log').read_text()[-3000:]}"
-        status = coord.status(coord.run_id())
+        status = join_all(coord, world, tmp_path, 2)
         # A device escalates a prompt to the co-tuned LLM.
         creds = json.loads((tmp_path / "device-0" / "credentials.json").read_text())["credentials"]
         answer = httpx.post(f"{coord.url}/v1/generate", timeout=60,
@@ -48,9 +38,6 @@ def test_two_devices_complete_two_fedcollm_rounds(world, tmp_path) -> None:
         assert too_long.status_code == 422 and too_long.json()["detail"]["code"] == "prompt_too_long"
         assert httpx.post(f"{coord.url}/v1/generate", json={"prompt": "x"}, timeout=10).status_code == 401
     finally:
-        for proc in devices:
-            if proc.poll() is None:
-                proc.kill()
         coord.stop()
 
     assert status["state"] == "finished", status.get("error")

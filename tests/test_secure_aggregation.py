@@ -19,7 +19,7 @@ from common.tensorfile import load_arrays
 from edge_sdk.client import CoordinatorError
 from edge_sdk.secagg import SecureAggregationRefused
 from tests.secagg_support import SimDevice, final_adapter, wait_state, weighted_mean
-from tests.support import CoordinatorProcess, run_spec
+from tests.support import CoordinatorProcess, join_all, run_spec, wait_finished
 
 SECURE = {"phase_deadline_s": 4.0, "clip": 4.0}
 
@@ -34,18 +34,6 @@ def _spec(world, name: str, **overrides) -> dict:
 def _updates(start: dict[str, np.ndarray], n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) for k, v in start.items()} for _ in range(n)]
-
-
-def _finished(coord: CoordinatorProcess, run_id: str, timeout: float = 60) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = coord.status(run_id)
-        if status["state"] != "running":
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"run did not finish:\n{coord.log_tail()}")
 
 
 def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], bound: float) -> float:
@@ -183,7 +171,7 @@ def test_dropouts_at_every_phase_and_a_late_device(world, tmp_path) -> None:
             assert after_shares.id in request.dropped or after_shares.id not in request.uploaded
             assert after_shares.id not in request.uploaded  # its seed is never asked for
             d.reveal(info)
-        status = _finished(coord, devices[0].run_id)
+        status = wait_finished(coord, devices[0].run_id)
         assert status["state"] == "finished", status["error"]
         secure = status["rounds"][-1]["metrics"]["aggregation"]["secure_aggregation"]
         assert (secure["members"], secure["dealers"], secure["uploaders"]) == (6, 6, 5)
@@ -314,7 +302,7 @@ def test_coordinator_crash_at_every_phase_boundary(world, tmp_path) -> None:
             d.reveal(info)
         assert coord.wait_exit() == 137
         coord.start()
-        status = _finished(coord, devices[0].run_id)
+        status = wait_finished(coord, devices[0].run_id)
         assert status["state"] == "finished", status["error"]
         secure = status["rounds"][-1]["metrics"]["aggregation"]["secure_aggregation"]
         final = final_adapter(coord.url, coord.admin, devices[0].run_id, tmp_path / "final.safetensors")
@@ -342,28 +330,13 @@ def test_admin_view_is_unchanged_for_plain_runs(world, tmp_path) -> None:
 def test_real_devices_train_under_secure_aggregation_and_local_dp(world, tmp_path) -> None:
     """`cotune edge join` devices go through every phase on their own, with local DP noise added
     before masking (the two compose: the coordinator sees neither an update nor its noise)."""
-    import subprocess
-
-    from cotune.demo.quickstart import child_env
-    from tests.support import join_cmd
-
     spec = _spec(world, "devices", rounds=2, round_deadline_s=120.0,
                  secure_aggregation={"phase_deadline_s": 60.0},
                  privacy={"clip_norm": 1.0, "noise_multiplier": 0.5})
     coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
-    devices = []
     try:
-        for k in range(3):
-            log = (tmp_path / f"device-{k}.log").open("w")
-            devices.append(subprocess.Popen(join_cmd(coord, world, k % 2, tmp_path / f"device-{k}"),
-                                            stdout=log, stderr=subprocess.STDOUT, env=child_env()))
-        for k, proc in enumerate(devices):
-            assert proc.wait(300) == 0, f"device {k} failed:\n{(tmp_path / f'device-{k}.log').read_text()[-3000:]}"
-        status = coord.status(coord.run_id())
+        status = join_all(coord, world, tmp_path, 3)
     finally:
-        for proc in devices:
-            if proc.poll() is None:
-                proc.kill()
         coord.stop()
     assert status["state"] == "finished", status.get("error")
     rounds = [r for r in status["rounds"] if r["round"] > 0]

@@ -3,8 +3,6 @@ bytes saved, through the codec, a live coordinator, and real devices."""
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 
@@ -14,7 +12,7 @@ from common.protocol import META_NUM_SAMPLES, DeviceProfile
 from common.tensorfile import load_arrays, read_header, save_arrays, schema_of
 from edge_sdk.client import CoordinatorClient, CoordinatorError
 from tests.secagg_support import final_adapter, weighted_mean
-from tests.support import CoordinatorProcess, join_cmd, run_spec
+from tests.support import CoordinatorProcess, join_all, run_spec, wait_finished
 
 
 def _pair(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -98,7 +96,7 @@ def test_coordinator_decodes_before_it_checks_and_aggregates(world, tmp_path) ->
             body = save_arrays(encode(upd, start, "int8-row"), {META_NUM_SAMPLES: str(w)})
             sizes.append(len(body))
             c.upload_update(run_id, 1, cr.client_id, body)
-        status = _finished(coord, run_id)
+        status = wait_finished(coord, run_id)
         assert status["state"] == "finished", status["error"]
         final = final_adapter(coord.url, coord.admin, run_id, tmp_path / "final")
         decoded = [decode(encode(u, start, "int8-row"), start, "int8-row") for u in trained]
@@ -113,37 +111,13 @@ def test_coordinator_decodes_before_it_checks_and_aggregates(world, tmp_path) ->
         coord.stop()
 
 
-def _finished(coord: CoordinatorProcess, run_id: str, timeout: float = 60) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = coord.status(run_id)
-        if status["state"] != "running":
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"run did not finish:\n{coord.log_tail()}")
-
-
 def test_real_devices_upload_fp16(world, tmp_path) -> None:
-    from cotune.demo.quickstart import child_env
-
     spec = run_spec(world, name="fp16", algorithm="fedavg", rounds=1, min_clients=2, update_encoding="fp16")
     del spec["aux_data"]
     coord = CoordinatorProcess(tmp_path / "coord", run=spec).start()
-    devices = []
     try:
-        for k in range(2):
-            log = (tmp_path / f"device-{k}.log").open("w")
-            devices.append(subprocess.Popen(join_cmd(coord, world, k, tmp_path / f"device-{k}"),
-                                            stdout=log, stderr=subprocess.STDOUT, env=child_env()))
-        for k, proc in enumerate(devices):
-            assert proc.wait(300) == 0, f"device {k} failed:\n{(tmp_path / f'device-{k}.log').read_text()[-3000:]}"
-        status = coord.status(coord.run_id())
+        status = join_all(coord, world, tmp_path, 2)
     finally:
-        for proc in devices:
-            if proc.poll() is None:
-                proc.kill()
         coord.stop()
     assert status["state"] == "finished", status.get("error")
     summary = [r for r in status["rounds"] if r["round"] == 1][0]
