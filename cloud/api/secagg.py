@@ -14,8 +14,10 @@ router = APIRouter(prefix="/v1/runs/{run_id}/rounds/{number}/secagg", tags=["sec
                    route_class=GuardedRoute)
 
 
-def _status(response: Response, new: bool) -> None:
+def _taken(response: Response, new: bool) -> dict[str, bool]:
+    """201 for a new message, 200 for the same one sent again."""
     response.status_code = 201 if new else 200
+    return {"accepted": True, "duplicate": not new}
 
 
 @router.put("/keys/{client_id}", status_code=201, responses=ERRORS_422)
@@ -23,9 +25,7 @@ def _status(response: Response, new: bool) -> None:
 def advertise_keys(run_id: RunId, number: RoundNo, client_id: ClientId, advert: KeyAdvert, response: Response,
                    coord: Coord, client: CurrentClient) -> dict[str, bool]:
     """Phase keys: this device's two public keys for the round."""
-    new = coord.secagg.advertise(client, run_id, number, client_id, advert)
-    _status(response, new)
-    return {"accepted": True, "duplicate": not new}
+    return _taken(response, coord.secagg.advertise(client, run_id, number, client_id, advert))
 
 
 @router.get("/neighbourhood", responses=ERRORS)
@@ -39,9 +39,7 @@ def neighbourhood(run_id: RunId, number: RoundNo, coord: Coord, client: CurrentC
 def deal_shares(run_id: RunId, number: RoundNo, client_id: ClientId, bundle: ShareBundle, response: Response,
                 coord: Coord, client: CurrentClient) -> dict[str, bool]:
     """Phase shares: one encrypted share for each neighbour, with its commitments."""
-    new = coord.secagg.deal(client, run_id, number, client_id, bundle)
-    _status(response, new)
-    return {"accepted": True, "duplicate": not new}
+    return _taken(response, coord.secagg.deal(client, run_id, number, client_id, bundle))
 
 
 @router.get("/inbox", responses=ERRORS)
@@ -61,6 +59,4 @@ def unmask_request(run_id: RunId, number: RoundNo, coord: Coord, client: Current
 def reveal(run_id: RunId, number: RoundNo, client_id: ClientId, body: Reveal, response: Response, coord: Coord,
            client: CurrentClient) -> dict[str, bool]:
     """Phase unmasking: the shares the unmask request asked for, each checked against its commitment."""
-    new = coord.secagg.reveal(client, run_id, number, client_id, body)
-    _status(response, new)
-    return {"accepted": True, "duplicate": not new}
+    return _taken(response, coord.secagg.reveal(client, run_id, number, client_id, body))
