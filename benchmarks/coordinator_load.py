@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import secrets
 import shutil
 import statistics
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 from benchmarks.report import Column, machine_info, markdown_table
 from common.methods.fedavg import SLM_ADAPTER
 from common.protocol import META_NUM_SAMPLES
+from common.retry import Backoff
 from common.tensorfile import load_arrays, save_arrays
 from cotune.demo.quickstart import child_env, cotune_cmd, free_port, wait_healthy, write_server_config
 
@@ -48,6 +50,7 @@ class Sample:
     seconds: float
     ok: bool
     nbytes: int = 0
+    transport_error: bool = False  # the connection failed (no HTTP status)
 
 
 @dataclass
@@ -128,27 +131,45 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
+# Like a real device (edge_sdk's client), a simulated one retries a dropped connection, 429 and 503
+# with backoff; every failed attempt is a sample of its own, and a device that gives up is counted.
+RETRY = Backoff(max_tries=4, base_s=0.2, max_s=2.0, max_total_s=None)
+
+
 async def device(k: int, url: str, enroll: str, base: dict[str, np.ndarray], gate: asyncio.Semaphore,
                  client: httpx.AsyncClient, samples: list[Sample]) -> None:
-    async def timed(op: str, coro: Any, nbytes: int = 0) -> httpx.Response:
-        t0 = time.perf_counter()
-        response = await coro
-        samples.append(Sample(op, time.perf_counter() - t0, response.is_success, nbytes or len(response.content)))
-        response.raise_for_status()
-        return response
+    rng = random.Random(k)
+
+    async def timed(op: str, send: Callable[[], Awaitable[httpx.Response]], nbytes: int = 0) -> httpx.Response:
+        for attempt in range(RETRY.max_tries):
+            t0 = time.perf_counter()
+            try:
+                response = await send()
+            except httpx.TransportError:
+                samples.append(Sample(op, time.perf_counter() - t0, False, 0, transport_error=True))
+                if attempt + 1 == RETRY.max_tries:
+                    raise
+            else:
+                samples.append(Sample(op, time.perf_counter() - t0, response.is_success,
+                                      nbytes or len(response.content)))
+                if response.status_code not in (429, 503) or attempt + 1 == RETRY.max_tries:
+                    response.raise_for_status()
+                    return response
+            await asyncio.sleep(RETRY.delay(attempt, rng))
+        raise AssertionError("unreachable")
 
     async with gate:
-        creds = (await timed("register", client.post(f"{url}/v1/clients", json={"name": f"sim-{k}"},
-                                                     headers={"Authorization": f"Bearer {enroll}"}))).json()
+        creds = (await timed("register", lambda: client.post(
+            f"{url}/v1/clients", json={"name": f"sim-{k}"}, headers={"Authorization": f"Bearer {enroll}"}))).json()
         auth = {"Authorization": f"Bearer {creds['token']}"}
-        info = (await timed("poll", client.get(f"{url}/v1/runs/{creds['run_id']}/rounds/current",
-                                                headers=auth))).json()
+        info = (await timed("poll", lambda: client.get(f"{url}/v1/runs/{creds['run_id']}/rounds/current",
+                                                        headers=auth))).json()
         ref = next(a for a in info["artifacts"] if a["name"] == SLM_ADAPTER)
-        await timed("download", client.get(f"{url}/v1/artifacts/{ref['sha256']}", headers=auth))
-        rng = np.random.default_rng(k)
-        body = save_arrays({n: a + rng.standard_normal(a.shape, dtype=np.float32) * 0.01 for n, a in base.items()},
+        await timed("download", lambda: client.get(f"{url}/v1/artifacts/{ref['sha256']}", headers=auth))
+        noise = np.random.default_rng(k)
+        body = save_arrays({n: a + noise.standard_normal(a.shape, dtype=np.float32) * 0.01 for n, a in base.items()},
                            {META_NUM_SAMPLES: str(10 + k % 7)})
-        await timed("upload", client.put(
+        await timed("upload", lambda: client.put(
             f"{url}/v1/runs/{creds['run_id']}/rounds/1/updates/{creds['client_id']}", content=body, headers=auth),
             nbytes=len(body))
 
@@ -178,8 +199,12 @@ async def drive(n: int, url: str, enroll: str, admin: str, watches: list[RssWatc
                             headers={"Authorization": f"Bearer {admin}"})
         gate = asyncio.Semaphore(concurrency)
         started = time.perf_counter()
-        await asyncio.gather(*(device(k, url, enroll, base, gate, client, samples) for k in range(n)))
+        outcomes = await asyncio.gather(*(device(k, url, enroll, base, gate, client, samples) for k in range(n)),
+                                        return_exceptions=True)
         traffic_s = time.perf_counter() - started
+        gave_up = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(gave_up) == n:
+            raise RuntimeError(f"every simulated device failed; the first: {gave_up[0]!r}")
         # Wait for the round to aggregate and close, noting states for the RSS samples.
         while True:
             status = (await client.get(f"{url}/v1/runs/{run_id}", headers={"Authorization": f"Bearer {admin}"})
@@ -188,11 +213,13 @@ async def drive(n: int, url: str, enroll: str, admin: str, watches: list[RssWatc
             seen = current[0]["state"] if current else "?"
             for watch in watches:
                 watch.state = seen
-            if status["state"] != "running" or seen == "closed":
+            # A round that lost devices waits for its deadline; the benchmark does not.
+            if status["state"] != "running" or seen == "closed" or gave_up:
                 break
             await asyncio.sleep(0.05)
         close_s = time.perf_counter() - started - traffic_s
-    return {"samples": samples, "traffic_s": traffic_s, "close_s": close_s, "adapter_bytes": len(raw)}
+    return {"samples": samples, "traffic_s": traffic_s, "close_s": None if gave_up else close_s,
+            "adapter_bytes": len(raw), "devices_failed": len(gave_up)}
 
 
 def run_one(n: int, model_dir: Path, work: Path, concurrency: int, replicas: int = 1,
@@ -262,12 +289,14 @@ def _run_one(n: int, model_dir: Path, work: Path, concurrency: int, replicas: in
     row: dict[str, Any] = {"clients": n, "concurrency": concurrency, "replicas": replicas,
                            "state": "postgresql" if db_url else "sqlite", "requests": len(samples),
                            "errors": sum(not s.ok for s in samples),
+                           "transport_errors": sum(s.transport_error for s in samples),
+                           "devices_failed": result["devices_failed"],
                            "throughput_rps": round(len(samples) / result["traffic_s"], 1),
                            "upload_mib_s": round(sum(s.nbytes for s in samples if s.op == "upload")
                                                  / result["traffic_s"] / 2**20, 1),
                            "adapter_kib": round(result["adapter_bytes"] / 1024, 1),
                            "update_share_of_slm_params": round(update_values / slm_params, 4),
-                           "close_s": round(result["close_s"], 2)}
+                           "close_s": None if result["close_s"] is None else round(result["close_s"], 2)}
     for op in OPS:
         times = [s.seconds * 1000 for s in samples if s.op == op]
         row[f"{op}_p50_ms"] = round(percentile(times, 50), 1)
@@ -290,7 +319,8 @@ def _haproxy() -> str:
     return found
 
 
-COLUMNS = ["clients", "concurrency", "replicas", "state", "requests", "errors", "throughput_rps", "upload_mib_s",
+COLUMNS = ["clients", "concurrency", "replicas", "state", "requests", "errors", "transport_errors",
+           "devices_failed", "throughput_rps", "upload_mib_s",
            *[f"{op}_{q}_ms" for op in OPS for q in ("p50", "p99")], "adapter_kib", "update_share_of_slm_params",
            "close_s", "rss_peak_mib", "rss_before_aggregation_mib", "rss_aggregation_peak_mib"]
 
@@ -328,6 +358,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _write_report(rows: list[dict[str, Any]], out_dir: Path) -> str:
+    table = markdown(rows)
+    meta = {"benchmark": "coordinator_load", "rows": rows,
+            "machine": {**machine_info(), "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+            "note": "coordinators, load balancer and simulated devices share this machine"}
+    (out_dir / "coordinator_load.json").write_text(json.dumps(meta, indent=2))
+    (out_dir / "coordinator_load.md").write_text(table + "\n")
+    return table
+
+
 def run_load_benchmark(ns: list[int], out_dir: Path, concurrency: int | list[int] = 32,
                        replicas: list[int] | None = None, state_url: str | None = None) -> list[dict[str, Any]]:
     out_dir = Path(out_dir)
@@ -337,19 +377,13 @@ def run_load_benchmark(ns: list[int], out_dir: Path, concurrency: int | list[int
     with tempfile.TemporaryDirectory(prefix="cotune-load-") as tmp:
         work = Path(tmp)
         model_dir = build_model(work / "model")
-        rows = []
+        rows: list[dict[str, Any]] = []
         for n in ns:
             for c in concurrencies:
                 for r in replica_counts:
                     print(f"load: {n} simulated devices, {c} in flight, {r} replica(s) ...", flush=True)
                     rows.append(run_one(n, model_dir, work, c, r, state_url))
-    table = markdown(rows)
-    load = os.getloadavg()
-    meta = {"benchmark": "coordinator_load", "rows": rows,
-            "machine": {**machine_info(), "load_average_after": [round(x, 2) for x in load]},
-            "note": "coordinators, load balancer and simulated devices share this machine"}
-    (out_dir / "coordinator_load.json").write_text(json.dumps(meta, indent=2))
-    (out_dir / "coordinator_load.md").write_text(table + "\n")
+                    table = _write_report(rows, out_dir)  # after every row: a long matrix keeps what it measured
     plot(rows, out_dir / "coordinator_load.png")
     print(table)
     growth = [r["rss_aggregation_peak_mib"] for r in rows if r["rss_aggregation_peak_mib"]]

@@ -51,6 +51,8 @@ class QualityConfig:
     final_split: str = "test"  # "validation" while searching settings: the test split is never read then
     curves: bool = False  # score validation after every round, not only the last (slower)
     workers: int = 1  # worlds run in parallel processes
+    runs_dir: Path | None = None  # finished runs kept for reuse (default out_dir/runs); share one between
+    #                               auxiliary modes and the runs that do not read the aux data are made once
 
 
 def build_world(track: str, out_dir: Path, seed: int, scale: float, cache_dir: Path | None,
@@ -256,7 +258,8 @@ def run_key(method: Method, cfg: QualityConfig, ws: int, seed: int) -> str:
         section, _, key = path.partition(".")
         value = cfg.settings.get(section)
         picked[path] = value.get(key) if key and isinstance(value, dict) else value
-    payload = {"method": method.name, "track": cfg.track, "aux": cfg.aux, "world": ws, "seed": seed,
+    payload = {"method": method.name, "track": cfg.track, "aux": cfg.aux if method.reads_aux else "any",
+               "world": ws, "seed": seed,
                "scale": cfg.scale, "split": cfg.final_split, "curves": cfg.curves, "settings": picked}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -276,15 +279,20 @@ def _keep(work: Path, key: str, run: dict[str, Any]) -> None:
     tmp.replace(work / "result.json")  # a crash never leaves half a result
 
 
-def run_world(cfg: QualityConfig, ws: int, world: World | None = None) -> tuple[int, World, dict[str, Any]]:
-    """Every method and training seed in the world of seed `ws`: (ws, world, method -> seed -> run)."""
+def _world(cfg: QualityConfig, ws: int) -> World:
+    return build_world(cfg.track, Path(cfg.out_dir) / "worlds" / str(ws), ws, cfg.scale, cfg.cache_dir, cfg.progress)
+
+
+def run_world(cfg: QualityConfig, ws: int, world: World | None = None,
+              seeds: Sequence[int] | None = None) -> tuple[int, World, dict[str, Any]]:
+    """Every method and training seed (or only `seeds`) in the world of seed `ws`:
+    (ws, world, method -> seed -> run). Zero-shot runs once per world, with the first of cfg.seeds."""
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     say = print if cfg.progress else (lambda *_a, **_k: None)
-    out_dir = Path(cfg.out_dir)
-    world = world or build_world(cfg.track, out_dir / "worlds" / str(ws), ws, cfg.scale, cfg.cache_dir, cfg.progress)
+    world = world or _world(cfg, ws)
     ev = Evaluator(world)
     runs: dict[str, dict[str, Any]] = {}
     for name in cfg.methods:
@@ -293,7 +301,10 @@ def run_world(cfg: QualityConfig, ws: int, world: World | None = None) -> tuple[
             say(f"{name}: skipped, the {cfg.aux!r} auxiliary data carries no answers")
             continue
         for seed in cfg.seeds if method.kind != "zero-shot" else cfg.seeds[:1]:
-            work = out_dir / "runs" / f"{name}-w{ws}-s{seed}"
+            if seeds is not None and seed not in seeds:
+                continue
+            aux = cfg.aux if method.reads_aux else "any"
+            work = Path(cfg.runs_dir or Path(cfg.out_dir) / "runs") / f"{name}-{aux}-w{ws}-s{seed}"
             key = run_key(method, cfg, ws, seed)
             done = _finished(work, key)
             if done is not None:  # finished before (an interrupted benchmark resumes here)
@@ -341,14 +352,24 @@ def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = 
     runs: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in cfg.methods}
     world_stats, built = {}, {}
     given = worlds or {}
-    if cfg.workers > 1 and len(cfg.world_seeds) > 1:
-        # One process per world (spawned: torch is not fork-safe); each runs every method and seed of its world.
+    if cfg.workers > 1 and len(cfg.world_seeds) * len(cfg.seeds) > 1:
+        # Worlds are built first, one process each; then one job per world x training seed, so two
+        # workers stay busy whatever the number of worlds (spawned: torch is not fork-safe).
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(run_world, [cfg] * len(cfg.world_seeds), cfg.world_seeds,
-                                 [given.get(ws) for ws in cfg.world_seeds]))
+            missing = [ws for ws in cfg.world_seeds if ws not in given]
+            given = {**given, **dict(zip(missing, pool.map(_world, [cfg] * len(missing), missing), strict=True))}
+            jobs = [(ws, seed) for seed in cfg.seeds for ws in cfg.world_seeds]
+            parts = list(pool.map(run_world, [cfg] * len(jobs), [ws for ws, _ in jobs],
+                                  [given[ws] for ws, _ in jobs], [(seed,) for _, seed in jobs]))
+        merged: dict[int, tuple[int, World, dict[str, Any]]] = {}
+        for ws, world, by_method in parts:
+            into = merged.setdefault(ws, (ws, world, {}))[2]
+            for name, by_seed in by_method.items():
+                into.setdefault(name, {}).update(by_seed)
+        done = [merged[ws] for ws in cfg.world_seeds]
     else:
         done = [run_world(cfg, ws, given.get(ws)) for ws in cfg.world_seeds]
     for ws, world, by_method in done:

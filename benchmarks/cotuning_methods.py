@@ -36,6 +36,13 @@ class Method:
     labelled_aux: bool = False  # only meaningful when the auxiliary data carries answers
     encoding: str = "fp32"  # RunSpec.update_encoding: how the devices' updates travel
 
+    @property
+    def reads_aux(self) -> bool:
+        """Whether the server's auxiliary data enters the run: FedCoLLM and Co-PLMs distil on it and
+        Centralized pools its answers; the others (CrossLM takes its prompts from the pool or the
+        instructions) give the same run in every auxiliary mode, so one run serves all three."""
+        return self.kind == "centralized" or self.algorithm in ("fedcollm", "co-plms")
+
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("zero-shot", "zero-shot", llm=True),

@@ -249,6 +249,32 @@ def test_a_finished_run_is_kept_until_a_setting_it_reads_changes(tmp_path) -> No
     fedcollm = run_key(METHODS["fedcollm"], cfg, 0, 1)
     settings["distill"]["lambda_kd"] = 0.1
     assert run_key(METHODS["fedcollm"], cfg, 0, 1) != fedcollm
+    # A method that never reads the aux data is the same run in every aux mode; one that does is not.
+    prompts = QualityConfig(out_dir=tmp_path, settings=settings, aux="prompts")
+    assert run_key(METHODS["fedavg"], prompts, 0, 1) == key
+    assert run_key(METHODS["crosslm"], prompts, 0, 1) == run_key(METHODS["crosslm"], cfg, 0, 1)
+    assert run_key(METHODS["fedcollm"], prompts, 0, 1) != run_key(METHODS["fedcollm"], cfg, 0, 1)
     settings["train"]["lr"] = 0.5
     assert _finished(tmp_path / "run", run_key(METHODS["fedavg"], cfg, 0, 1)) is None
     assert run_key(METHODS["fedavg"], cfg, 0, 2) != key
+
+
+def test_parallel_jobs_and_a_shared_runs_folder_make_each_run_once(tiny) -> None:
+    from benchmarks.cotuning import QualityConfig, run_quality_benchmark
+
+    root, world, settings = tiny
+    shared = root / "shared-runs"
+    common = dict(world_seeds=(0,), seeds=(0, 1), settings=settings, threads=1, progress=False,
+                  methods=("zero-shot", "standalone", "fedcollm"), runs_dir=shared)
+    paper = run_quality_benchmark(QualityConfig(out_dir=root / "par-paper", workers=2, **common), worlds={0: world})
+    assert set(paper["runs"]["standalone"]["0"]) == {"0", "1"} and set(paper["runs"]["zero-shot"]["0"]) == {"0"}
+    kept = {p.parent.name: p.stat().st_mtime_ns for p in shared.glob("*/result.json")}
+    assert sorted(kept) == ["fedcollm-paper-w0-s0", "fedcollm-paper-w0-s1", "standalone-any-w0-s0",
+                            "standalone-any-w0-s1", "zero-shot-any-w0-s0"]
+    prompts = run_quality_benchmark(QualityConfig(out_dir=root / "par-prompts", aux="prompts", **common),
+                                    worlds={0: world})
+    # Standalone and zero-shot never read the aux data: the prompts mode takes the paper mode's runs.
+    assert prompts["runs"]["standalone"] == paper["runs"]["standalone"]
+    for name in ("standalone-any-w0-s0", "zero-shot-any-w0-s0"):
+        assert (shared / name / "result.json").stat().st_mtime_ns == kept[name]
+    assert (shared / "fedcollm-prompts-w0-s1" / "result.json").is_file()

@@ -39,7 +39,11 @@ def bench_quality(
     tune: Annotated[bool, typer.Option(help="search the settings on the validation split and freeze them "
                                             "(never reads the test split)")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    workers: Annotated[int, typer.Option(help="worlds run in parallel processes (one core each)", min=1)] = 1,
+    workers: Annotated[int, typer.Option(help="parallel processes (one core each): worlds are built, then "
+                                              "each world x training seed runs, in parallel", min=1)] = 1,
+    runs_dir: Annotated[Path | None, typer.Option(
+        help="keep finished runs here (default OUT/runs); give the auxiliary modes one folder and the methods "
+             "that do not read the aux data run once for all of them")] = None,
     curves: Annotated[bool, typer.Option(help="score validation after every round (per-round curves), not "
                                               "only after the last")] = False,
 ) -> None:
@@ -75,4 +79,4 @@ def bench_quality(
     run_quality_benchmark(QualityConfig(out_dir=out, track=track, aux=aux,
                                         world_seeds=tuple(world_seed or (0, 1, 2)), seeds=tuple(range(seeds)),
                                         methods=chosen, scale=scale, settings=frozen, threads=threads,
-                                        curves=curves, workers=workers))
+                                        curves=curves, workers=workers, runs_dir=runs_dir))
