@@ -159,7 +159,10 @@ def vocab_from_tokenizer(tokenizer_file: Path, hf_tokenizer: Any, vocab_size: in
             tokens[idx] = f"[PAD{idx}]"  # embedding rows no token maps to
     bos, eos, unk, pad, add_bos, add_eos = _special_ids(hf_tokenizer)
 
-    if model.get("byte_fallback"):
+    # A byte-level BPE has a token for every byte, so its byte_fallback flag (set on tokenizers that
+    # transformers rebuilt from a GGUF, SmolLM2's among them) never fires: it stays a byte-level BPE.
+    byte_level = (tok.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("byte_fallback") and not byte_level:
         add_space_prefix = _spm_settings(tok)
         for idx, text in enumerate(tokens):
             if types[idx] == NORMAL and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
@@ -177,8 +180,7 @@ def vocab_from_tokenizer(tokenizer_file: Path, hf_tokenizer: Any, vocab_size: in
         return GGUFVocab("llama", "default", tokens, types, scores, None, bos, eos, unk, pad, add_bos, add_eos,
                          add_space_prefix, chat_template_for(hf_tokenizer).source)
 
-    decoder = tok.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
+    if not byte_level:
         raise UnsupportedModelError(f"{tokenizer_file}: a BPE tokenizer that is neither byte-level nor "
                                     "byte-fallback (SentencePiece); llama.cpp cannot reproduce it")
     norm = tok.get("normalizer")

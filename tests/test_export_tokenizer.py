@@ -76,6 +76,19 @@ def test_project_bpe_tokenizer_splits_like_hf(tmp_path: Path) -> None:
     assert mismatches(tok_dir, path) == []
 
 
+def test_byte_level_bpe_flagged_byte_fallback_stays_byte_level(tmp_path: Path) -> None:
+    # transformers sets byte_fallback on the byte-level tokenizers it rebuilds from a GGUF (SmolLM2's).
+    tok_dir = save(train_bpe_tokenizer(512), tmp_path / "tok")
+    raw = json.loads((tok_dir / "tokenizer.json").read_text())
+    raw["model"]["byte_fallback"] = True
+    (tok_dir / "tokenizer.json").write_text(json.dumps(raw))
+    path = gguf_for(tok_dir, tmp_path / "m.gguf")
+    from gguf import GGUFReader
+
+    assert GGUFReader(str(path)).fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert mismatches(tok_dir, path) == []
+
+
 def test_qwen2_style_split_regex_maps_to_llama_cpp_qwen2(tmp_path: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
