@@ -50,7 +50,7 @@ class QualityConfig:
     progress: bool = True
     final_split: str = "test"  # "validation" while searching settings: the test split is never read then
     curves: bool = False  # score validation after every round, not only the last (slower)
-    workers: int = 1  # worlds run in parallel processes
+    workers: int = 1  # parallel processes: one job per method x world x training seed
     runs_dir: Path | None = None  # finished runs kept for reuse (default out_dir/runs); share one between
     #                               auxiliary modes and the runs that do not read the aux data are made once
 
@@ -283,9 +283,9 @@ def _world(cfg: QualityConfig, ws: int) -> World:
     return build_world(cfg.track, Path(cfg.out_dir) / "worlds" / str(ws), ws, cfg.scale, cfg.cache_dir, cfg.progress)
 
 
-def run_world(cfg: QualityConfig, ws: int, world: World | None = None,
-              seeds: Sequence[int] | None = None) -> tuple[int, World, dict[str, Any]]:
-    """Every method and training seed (or only `seeds`) in the world of seed `ws`:
+def run_world(cfg: QualityConfig, ws: int, world: World | None = None, seeds: Sequence[int] | None = None,
+              methods: Sequence[str] | None = None) -> tuple[int, World, dict[str, Any]]:
+    """Every method and training seed (or only `methods`, `seeds`) in the world of seed `ws`:
     (ws, world, method -> seed -> run). Zero-shot runs once per world, with the first of cfg.seeds."""
     import torch
 
@@ -295,7 +295,7 @@ def run_world(cfg: QualityConfig, ws: int, world: World | None = None,
     world = world or _world(cfg, ws)
     ev = Evaluator(world)
     runs: dict[str, dict[str, Any]] = {}
-    for name in cfg.methods:
+    for name in methods or cfg.methods:
         method = METHODS[name]
         if not applicable(method, cfg.aux, world):
             say(f"{name}: skipped, the {cfg.aux!r} auxiliary data carries no answers")
@@ -353,17 +353,20 @@ def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = 
     world_stats, built = {}, {}
     given = worlds or {}
     if cfg.workers > 1 and len(cfg.world_seeds) * len(cfg.seeds) > 1:
-        # Worlds are built first, one process each; then one job per world x training seed, so two
-        # workers stay busy whatever the number of worlds (spawned: torch is not fork-safe).
+        # Worlds are built first, one process each; then one job per method x world x training seed,
+        # so the workers stay busy however few worlds and seeds there are (spawned: torch is not
+        # fork-safe). A finished run is kept on disk either way, so the split changes no result.
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             missing = [ws for ws in cfg.world_seeds if ws not in given]
             given = {**given, **dict(zip(missing, pool.map(_world, [cfg] * len(missing), missing), strict=True))}
-            jobs = [(ws, seed) for seed in cfg.seeds for ws in cfg.world_seeds]
-            parts = list(pool.map(run_world, [cfg] * len(jobs), [ws for ws, _ in jobs],
-                                  [given[ws] for ws, _ in jobs], [(seed,) for _, seed in jobs]))
+            jobs = [(ws, seed, name) for seed in cfg.seeds for ws in cfg.world_seeds for name in cfg.methods
+                    if METHODS[name].kind != "zero-shot" or seed == cfg.seeds[0]]
+            parts = list(pool.map(run_world, [cfg] * len(jobs), [ws for ws, _, _ in jobs],
+                                  [given[ws] for ws, _, _ in jobs], [(seed,) for _, seed, _ in jobs],
+                                  [(name,) for _, _, name in jobs]))
         merged: dict[int, tuple[int, World, dict[str, Any]]] = {}
         for ws, world, by_method in parts:
             into = merged.setdefault(ws, (ws, world, {}))[2]

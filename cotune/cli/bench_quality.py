@@ -29,9 +29,13 @@ def bench_quality(
                                           "prompts (in-domain prompts, no answers), public-only (stress test)")
                    ] = "paper",
     world_seed: Annotated[list[int] | None, typer.Option(
-        help="world seeds (data and pretrained models); repeat for several; default 0 1 2")] = None,
-    seeds: Annotated[int, typer.Option(help="training seeds per world (0 .. n-1)", min=1)] = 3,
-    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the methods (default: all)")] = None,
+        help="world seeds (data and pretrained models); repeat for several; default 0 1 2 (synthetic), 0 (real)")
+                                   ] = None,
+    seeds: Annotated[int | None, typer.Option(help="training seeds per world (0 .. n-1); default 3 (synthetic), "
+                                                   "1 (real)", min=1)] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the methods (default: all on the "
+                                                     "synthetic track; those its claims need on the real one)")
+                       ] = None,
     scale: Annotated[float, typer.Option(help="multiply data sizes (1 fits 2 CPU cores; more for bigger machines)",
                                          min=0.1)] = 1.0,
     settings: Annotated[Path | None, typer.Option(
@@ -40,7 +44,7 @@ def bench_quality(
                                             "(never reads the test split)")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     workers: Annotated[int, typer.Option(help="parallel processes (one core each): worlds are built, then "
-                                              "each world x training seed runs, in parallel", min=1)] = 1,
+                                              "each method x world x training seed runs, in parallel", min=1)] = 1,
     runs_dir: Annotated[Path | None, typer.Option(
         help="keep finished runs here (default OUT/runs); give the auxiliary modes one folder and the methods "
              "that do not read the aux data run once for all of them")] = None,
@@ -52,7 +56,7 @@ def bench_quality(
 
     use_checkout_benchmarks()
     from benchmarks.cotuning import QualityConfig, load_settings, run_quality_benchmark
-    from benchmarks.cotuning_methods import check_methods
+    from benchmarks.cotuning_methods import DEFAULT_SEEDS, REAL_TRACK_METHODS, check_methods
 
     if track not in _TRACKS:
         raise typer.BadParameter(f"choose one of {', '.join(_TRACKS)}", param_hint="--track")
@@ -67,7 +71,8 @@ def bench_quality(
 
         run_tune(track, out / "tune", scale=scale, write_to=settings)
         return
-    chosen = tuple(m.strip() for m in (methods or _methods_help()).split(",") if m.strip())
+    default_methods = ",".join(REAL_TRACK_METHODS) if track == "real" else _methods_help()
+    chosen = tuple(m.strip() for m in (methods or default_methods).split(",") if m.strip())
     try:
         check_methods(chosen)
     except ValueError as exc:
@@ -77,6 +82,7 @@ def bench_quality(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--settings") from None
     run_quality_benchmark(QualityConfig(out_dir=out, track=track, aux=aux,
-                                        world_seeds=tuple(world_seed or (0, 1, 2)), seeds=tuple(range(seeds)),
+                                        world_seeds=tuple(world_seed or DEFAULT_SEEDS[track][0]),
+                                        seeds=tuple(range(seeds or DEFAULT_SEEDS[track][1])),
                                         methods=chosen, scale=scale, settings=frozen, threads=threads,
                                         curves=curves, workers=workers, runs_dir=runs_dir))
