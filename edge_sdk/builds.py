@@ -68,11 +68,12 @@ def export_final(final: FinalArtifacts, lora: LoraSpec, targets: Sequence[str], 
     if missing:
         raise BuildsSkipped(f"this device lacks the export extras ({', '.join(missing)}); "
                             "install them with pip install 'cotune[export]' to make edge builds here")
-    from export.pipeline import export_builds
+    from export.isolated import export_builds_isolated
 
     try:
-        results = export_builds(final.model_dir, (final.adapter.read_bytes(), lora), list(targets), out_dir,
-                                run_id=run_id, round=round, progress=progress)
+        # in a child process: a native crash in an exporter must not end the device's join loop
+        results = export_builds_isolated(final.model_dir, (final.adapter.read_bytes(), lora), list(targets), out_dir,
+                                         run_id=run_id, round=round, progress=progress)
     except (ExportError, ImportError) as exc:
         raise BuildsSkipped(f"the export of this device's SLM failed: {exc}") from None
     return [DeviceBuild(r.path.name, r.path, r.manifest) for r in results]

@@ -22,3 +22,7 @@ class ParityError(ExportError):
         super().__init__(message)
         self.figures = figures or {}
         self.passed = passed or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keeps the figures when the error crosses a process boundary (export/isolated.py)
+        return type(self), (self.args[0], self.figures, self.passed)

@@ -71,13 +71,15 @@ class BuildsService:
 
     def _export(self, run_id: str, served: ServedModel, held: Holdings, targets: list[str]) -> list[BuildInfo]:
         from export.errors import ExportError
-        from export.pipeline import export_builds
+        from export.isolated import export_builds_isolated
 
         work = Path(tempfile.mkdtemp(prefix="builds-", dir=self.work_dir))
         try:
             try:
-                results = export_builds(served.checkpoint, (self.store.read_bytes(served.adapter_digest), served.lora),
-                                        targets, work / "out", run_id=run_id, round=held.round, progress=False)
+                # in a child process: a native crash in an exporter must not end the coordinator
+                adapter = (self.store.read_bytes(served.adapter_digest), served.lora)
+                results = export_builds_isolated(served.checkpoint, adapter, targets, work / "out", run_id=run_id,
+                                                 round=held.round, progress=False)
             except (ExportError, ValueError) as exc:
                 raise ApiError(422, "export_failed", str(exc), "check the targets and the parity bounds") from None
             infos, builds, files = [], [], []
