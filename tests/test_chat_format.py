@@ -198,7 +198,7 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from common.ml.lora import adapter_state, adapter_to_bytes, attach_lora
     from common.ml.train import train_lora
     from common.protocol import LoraSpec, TrainSpec
-    from export import ParityBounds, export_builds
+    from export import ParityBounds, export_builds_isolated
 
     root = tmp_path_factory.mktemp("chat-plain")
     hf = _checkpoint(root)
@@ -209,7 +209,7 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     report = train_lora(peft_model, tok, records, TrainSpec(epochs=6.0, lr=5e-2, batch_size=5), seed=0)
     adapter = root / "adapter.safetensors"
     adapter.write_bytes(adapter_to_bytes(adapter_state(peft_model)))
-    results = export_builds(hf, (adapter, spec), "gguf:f32,gguf-lora:f32,onnx:fp32", root / "builds",
+    results = export_builds_isolated(hf, (adapter, spec), "gguf:f32,gguf-lora:f32,onnx:fp32", root / "builds",
                             bounds=ParityBounds(), progress=False, threads=1)
     return {"hf": hf, "tok": tok, "report": report, "root": root, **{r.target.format: r.path for r in results}}
 
@@ -218,11 +218,11 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def chatml(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A llama whose tokenizer has a ChatML template with special turn markers, exported as it is."""
     from common.ml.tokenizer import load_hf_tokenizer
-    from export import export_builds
+    from export import export_builds_isolated
 
     root = tmp_path_factory.mktemp("chat-chatml")
     hf = _checkpoint(root, CHATML)
-    results = export_builds(hf, None, "gguf:f32,onnx:fp32", root / "builds", progress=False, threads=1)
+    results = export_builds_isolated(hf, None, "gguf:f32,onnx:fp32", root / "builds", progress=False, threads=1)
     return {"hf": hf, "tok": load_hf_tokenizer(hf), "root": root, **{r.target.format: r.path for r in results}}
 
 

@@ -41,11 +41,11 @@ def run_blocked(blocked: list[str], body: str) -> dict:
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from export.pipeline import export_builds
+    from export.isolated import export_builds_isolated
 
     root = tmp_path_factory.mktemp("lean")
     hf = make_tiny_checkpoint(root)
-    export_builds(hf, None, ["gguf:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
+    export_builds_isolated(hf, None, ["gguf:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
     return {name: root / "builds" / name for name in ("gguf-f32", "onnx-fp32")}
 
 

@@ -30,11 +30,11 @@ PROMPT = "the river lock 3 was"
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    export_builds = _exporter()
+    export = _exporter()
     root = tmp_path_factory.mktemp("serve")
     hf = make_tiny_checkpoint(root)
     adapter = _random_adapter(hf, root / "adapter", scale=0.5)
-    export_builds(hf, adapter, ["gguf-lora:f32"], root / "builds", progress=False, threads=2)
+    export(hf, adapter, ["gguf-lora:f32"], root / "builds", progress=False, threads=2)
     lora = root / "builds" / "gguf-lora-f32"
     # The LoRA build carries the base GGUF it was made for: serve that, with the adapter on offer.
     return {"lora": lora, "base": lora / "base.gguf", "root": root}

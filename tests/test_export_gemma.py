@@ -43,7 +43,7 @@ def test_gemma_export_with_adapter(gemma: Path, tmp_path: Path) -> None:
     from common.ml.train import train_lora
     from common.protocol import LoraSpec, TrainSpec
     from common.records import TaskRecord
-    from export import ParityBounds, export_builds
+    from export import ParityBounds, export_builds_isolated
 
     model, tokenizer = load_checkpoint(gemma)
     spec = LoraSpec(r=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -59,7 +59,7 @@ def test_gemma_export_with_adapter(gemma: Path, tmp_path: Path) -> None:
     # Round-to-nearest ONNX int4 costs this small model more than the default 4-bit bounds allow (see
     # examples/export_gemma.py); q4_k_m passes the defaults, so only the 4-bit bounds are loosened here.
     bounds = ParityBounds(min_top1_4bit=0.6, max_ppl_change_4bit=0.6)
-    results = export_builds(gemma, (adapter, spec), "gguf:q4_k_m,gguf-lora,onnx:int4", tmp_path / "out",
+    results = export_builds_isolated(gemma, (adapter, spec), "gguf:q4_k_m,gguf-lora,onnx:int4", tmp_path / "out",
                             run_id="gemma", round=1, bounds=bounds)
     for r in results:
         BuildManifest.read(r.path).verify(r.path)

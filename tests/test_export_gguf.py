@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.manifest import BuildManifest
-from export import ParityBounds, export_builds
+from export import ParityBounds, export_builds_isolated
 from tests.test_export_support import LOOSE_4BIT, tiny_adapter, tiny_checkpoint
 
 pytest.importorskip("llama_cpp")
@@ -19,7 +19,7 @@ def test_merged_and_lora_builds_pass_parity(arch: str, tmp_path: Path) -> None:
     base = tiny_checkpoint(tmp_path, arch)
     adapter, spec = tiny_adapter(base, tmp_path / "adapter.safetensors")
     out = tmp_path / "builds"
-    results = export_builds(base, (adapter, spec), "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_k_m,gguf-lora", out,
+    results = export_builds_isolated(base, (adapter, spec), "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_k_m,gguf-lora", out,
                             run_id="run-1", round=3, bounds=ParityBounds(**LOOSE_4BIT), progress=False)
     assert [r.target.name for r in results] == ["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-lora-f16"]
     assert sorted(p.name for p in out.iterdir()) == sorted(r.target.name for r in results)
@@ -63,7 +63,7 @@ def test_true_k_quant_on_rows_of_256(tmp_path: Path) -> None:
         "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False})
     adapter, spec = tiny_adapter(base, tmp_path / "adapter.safetensors", targets=("q_proj", "k_proj", "down_proj"))
-    results = export_builds(base, (adapter, spec), "gguf:q4_k_m,gguf-lora:q8_0", tmp_path / "out",
+    results = export_builds_isolated(base, (adapter, spec), "gguf:q4_k_m,gguf-lora:q8_0", tmp_path / "out",
                             bounds=ParityBounds(**LOOSE_4BIT), progress=False)
     q4 = results[0].manifest.parity
     assert q4["kquant_fallback_tensors"] == 0 and q4["tensor_types"].get("Q4_K", 0) > 0

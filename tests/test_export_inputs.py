@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from export import ExportError, UnsupportedModelError, export_builds, parse_targets
+from export import ExportError, UnsupportedModelError, export_builds_isolated, parse_targets
 from export.targets import Target
 from tests.test_export_support import tiny_adapter, tiny_checkpoint
 
@@ -27,7 +27,7 @@ def copy_of(base: Path, tmp_path: Path) -> Path:
 def fails(base: Path, out: Path, match: str, adapter: object = None, targets: str = "gguf:f16",
           error: type[Exception] = ExportError) -> None:
     with pytest.raises(error, match=match):
-        export_builds(base, adapter, targets, out, progress=False)
+        export_builds_isolated(base, adapter, targets, out, progress=False)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.manifest import BuildManifest
-from export import ParityBounds, export_builds
+from export import ParityBounds, export_builds_isolated
 from tests.test_export_support import LOOSE_4BIT, tiny_adapter, tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -19,7 +19,7 @@ def test_onnx_builds_of_a_tied_qwen2(tmp_path: Path) -> None:
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True})
     adapter, spec = tiny_adapter(base, tmp_path / "adapter.safetensors", targets=("q_proj", "v_proj"))
-    results = export_builds(base, (adapter, spec), "onnx:fp32,onnx:int8,onnx:int4", tmp_path / "out",
+    results = export_builds_isolated(base, (adapter, spec), "onnx:fp32,onnx:int8,onnx:int4", tmp_path / "out",
                             bounds=ParityBounds(**LOOSE_4BIT), progress=False)
     fp32, int8, int4 = results
     for r in results:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.manifest import BuildManifest
-from export import ParityBounds, ParityError, export_builds
+from export import ParityBounds, ParityError, export_builds_isolated
 from tests.test_export_support import tiny_adapter, tiny_checkpoint
 
 pytest.importorskip("llama_cpp")
@@ -27,7 +27,7 @@ def test_a_crossed_bound_fails_and_leaves_nothing(world: tuple[Path, Path, objec
     out = tmp_path / "out"
     impossible = ParityBounds(min_top1_8bit=1.01)
     with pytest.raises(ParityError, match="gguf:q8_0 failed its parity check: top-1 agreement") as err:
-        export_builds(base, (adapter, spec), "gguf:f16,gguf:q8_0", out, bounds=impossible, progress=False)
+        export_builds_isolated(base, (adapter, spec), "gguf:f16,gguf:q8_0", out, bounds=impossible, progress=False)
     assert err.value.figures["top1_agreement"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no out, no staging left beside it
 
@@ -37,13 +37,13 @@ def test_a_crossed_bound_fails_and_leaves_nothing(world: tuple[Path, Path, objec
     (out / "gguf-q8_0" / "old.txt").write_text("previous round")
     (out / "onnx-int4").mkdir()
     with pytest.raises(ParityError):
-        export_builds(base, (adapter, spec), "gguf:q8_0", out, bounds=impossible, progress=False)
+        export_builds_isolated(base, (adapter, spec), "gguf:q8_0", out, bounds=impossible, progress=False)
     assert (out / "gguf-q8_0" / "old.txt").read_text() == "previous round"
     assert sorted(p.name for p in out.iterdir()) == ["gguf-q8_0", "onnx-int4"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
     # A passing export replaces that build as a whole and leaves the others alone.
-    export_builds(base, (adapter, spec), "gguf:q8_0", out, progress=False)
+    export_builds_isolated(base, (adapter, spec), "gguf:q8_0", out, progress=False)
     assert not (out / "gguf-q8_0" / "old.txt").exists()
     assert BuildManifest.read(out / "gguf-q8_0").quantization == "q8_0"
     assert sorted(p.name for p in out.iterdir()) == ["gguf-q8_0", "onnx-int4"]
@@ -52,7 +52,7 @@ def test_a_crossed_bound_fails_and_leaves_nothing(world: tuple[Path, Path, objec
 def test_float_gate_fails_on_a_tight_logit_bound(world: tuple[Path, Path, object], tmp_path: Path) -> None:
     base, adapter, spec = world
     with pytest.raises(ParityError, match="relative logit difference"):
-        export_builds(base, (adapter, spec), "gguf:f16", tmp_path / "out",
+        export_builds_isolated(base, (adapter, spec), "gguf:f16", tmp_path / "out",
                       bounds=ParityBounds(max_rel_logit_diff_f16=1e-9), progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -77,16 +77,16 @@ def test_peft_directory_and_adapter_info_and_base_only(world: tuple[Path, Path, 
     peft_model.save_pretrained(str(peft_dir))
     assert isinstance(peft_model, PeftModel)
 
-    from_peft = export_builds(base, peft_dir, "gguf:f32", tmp_path / "a", progress=False)[0]
+    from_peft = export_builds_isolated(base, peft_dir, "gguf:f32", tmp_path / "a", progress=False)[0]
     # A cotune adapter file with the adapter_info.json a device writes beside it.
     (adapter.parent / "adapter_info.json").write_text(json.dumps({"lora": spec.model_dump()}))
-    from_file = export_builds(base, adapter, "gguf:f32", tmp_path / "b", progress=False)[0]
+    from_file = export_builds_isolated(base, adapter, "gguf:f32", tmp_path / "b", progress=False)[0]
     assert from_file.manifest.adapter_sha256 != from_peft.manifest.adapter_sha256  # different files...
     model_a = (from_peft.path / "model.gguf").read_bytes()
     model_b = (from_file.path / "model.gguf").read_bytes()
     assert model_a == model_b  # ...the same merged model
 
-    plain = export_builds(base, None, "gguf:f32", tmp_path / "c", progress=False)[0]
+    plain = export_builds_isolated(base, None, "gguf:f32", tmp_path / "c", progress=False)[0]
     assert plain.manifest.adapter_sha256 is None
     assert (plain.path / "model.gguf").read_bytes() != model_a
     assert torch.is_tensor(next(iter(tensors.values())))

@@ -38,11 +38,11 @@ def _llama_offloads() -> bool:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny checkpoint, and its gguf:f32 and onnx:fp32 builds."""
-    from export.pipeline import export_builds
+    from export.isolated import export_builds_isolated
 
     root = tmp_path_factory.mktemp("gpu-options")
     hf = make_tiny_checkpoint(root)
-    export_builds(hf, None, ["gguf:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
+    export_builds_isolated(hf, None, ["gguf:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
     return {"hf": hf, "gguf": root / "builds" / "gguf-f32", "onnx": root / "builds" / "onnx-fp32"}
 
 

@@ -21,10 +21,12 @@ PROMPTS = ["the river lock 3 was", "keeper 5 closed the", "dawn"]
 
 def _exporter():
     try:
-        from export.pipeline import export_builds
+        import export.pipeline  # noqa: F401 - the child process imports it
     except ImportError as exc:
-        pytest.skip(f"no GGUF writer: export.pipeline.export_builds is not importable ({exc})")
-    return export_builds
+        pytest.skip(f"no GGUF writer: export.pipeline is not importable ({exc})")
+    from export.isolated import export_builds_isolated
+
+    return export_builds_isolated
 
 
 def _random_adapter(hf_dir: Path, out: Path, scale: float = 0.1) -> Path:
@@ -48,11 +50,11 @@ def _random_adapter(hf_dir: Path, out: Path, scale: float = 0.1) -> Path:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """gguf-f32 and onnx-fp32 of base+adapter merged, and gguf-lora-f32 (base.gguf + adapter.gguf)."""
-    export_builds = _exporter()
+    export = _exporter()
     root = tmp_path_factory.mktemp("tiny-gguf")
     hf = make_tiny_checkpoint(root)
     adapter = _random_adapter(hf, root / "adapter")
-    export_builds(hf, adapter, ["gguf:f32", "gguf-lora:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
+    export(hf, adapter, ["gguf:f32", "gguf-lora:f32", "onnx:fp32"], root / "builds", progress=False, threads=2)
     out = {name: root / "builds" / name for name in ("gguf-f32", "gguf-lora-f32", "onnx-fp32")}
     out["hf"] = hf
     return out
@@ -246,12 +248,12 @@ def test_gemma_generates_and_streams(gemma_gguf: Path) -> None:
 @pytest.mark.slow
 def test_gemma_parity_with_onnx_on_the_same_weights(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Gemma's f32 weights (dequantized from the Q4_K_M GGUF) as GGUF f32 and ONNX fp32: same greedy tokens."""
-    export_builds = _exporter()
+    export = _exporter()
     from edge_sdk import EdgeModel
     from export.gemma import gemma_checkpoint
 
     out = tmp_path_factory.mktemp("gemma-parity")
-    export_builds(gemma_checkpoint(), None, ["gguf:f32", "onnx:fp32"], out, progress=False)
+    export(gemma_checkpoint(), None, ["gguf:f32", "onnx:fp32"], out, progress=False)
     with EdgeModel.load(out / "gguf-f32", n_ctx=256) as g, EdgeModel.load(out / "onnx-fp32", n_ctx=256) as o:
         for prompt in ["The capital of France is", "def fibonacci(n):"]:
             ids = g.tokenize(prompt)

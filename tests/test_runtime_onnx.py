@@ -28,9 +28,9 @@ def make_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
 
 def make_onnx_build(hf: Path, root: Path) -> Path:
     """The checkpoint as an onnx:fp32 build, made by the exporter (parity gate included)."""
-    from export.pipeline import export_builds
+    from export.isolated import export_builds_isolated
 
-    (result,) = export_builds(hf, None, "onnx:fp32", root / "builds", progress=False)
+    (result,) = export_builds_isolated(hf, None, "onnx:fp32", root / "builds", progress=False)
     return result.path
 
 
