@@ -424,8 +424,8 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                     "'decode vs raw' compares cotune with llama-cpp-python (GGUF) or optimum (ONNX) on the same file")
     paths = write_report(cfg.out_dir, "latency", "Edge runtime latency", rows, columns,
                          panels=[Panel("decode_tok_s", "decode tok/s"), Panel("ttft_s", "time to first token (s)"),
-                                 Panel("peak_rss_bytes", "peak RSS (bytes)", log=True)],
-                         label_key="label", color_key="engine", meta=meta, notes=notes)
+                                 Panel("peak_rss_bytes", "peak RSS (MiB)", scale=2**20)],
+                         label_key="label", color_key="engine", meta=meta, notes=notes, row_key="model")
     log(paths["md"].read_text())
     return paths
 

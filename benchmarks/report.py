@@ -40,6 +40,7 @@ class Panel:
     metric: str
     title: str
     log: bool = False
+    scale: float = 1.0  # values are divided by it: 2**20 shows bytes as MiB
 
 
 def machine_info() -> dict[str, Any]:
@@ -72,37 +73,32 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
 
 
 def plot_bars(path: Path, rows: Sequence[dict[str, Any]], panels: Sequence[Panel], label_key: str,
-              color_key: str | None = None, title: str = "") -> Path:
-    """Horizontal bar charts, one panel per metric, rows in the given order."""
+              color_key: str | None = None, title: str = "", row_key: str | None = None) -> Path:
+    """Horizontal bar charts, one panel per metric, rows in the given order. With `row_key`, one
+    row of panels per value of that field (each model its own axes, so a 70 tok/s model is not a
+    sliver beside a 900 tok/s one)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
     import matplotlib.pyplot as plt
 
-    labels = [str(r.get(label_key, "")) for r in rows]
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        sections.setdefault(str(r.get(row_key, "")) if row_key else "", []).append(r)
     groups = sorted({str(r.get(color_key, "")) for r in rows}) if color_key else [""]
     cmap = plt.get_cmap("tab10")
     colors = {g: cmap(i % 10) for i, g in enumerate(groups)}
-    height = max(2.5, 0.32 * len(rows) + 1.2)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False, sharey=True)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        values = [r.get(panel.metric) for r in rows]
-        numeric = [float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else 0.0 for v in values]
-        bar_colors = [colors[str(r.get(color_key, ""))] if color_key else cmap(0) for r in rows]
-        ys = list(range(len(rows)))
-        ax.barh(ys, numeric, color=bar_colors)
-        ax.set_title(panel.title, fontsize=10)
-        if panel.log and any(v > 0 for v in numeric):
-            ax.set_xscale("log")
-        for y, v, raw in zip(ys, numeric, values, strict=True):
-            if raw is None:
-                ax.text(0, y, " n/a", va="center", fontsize=7)
-            else:
-                ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(list(range(len(rows))))
-    axes[0][0].set_yticklabels(labels, fontsize=8)
-    axes[0][0].invert_yaxis()
+    sizes = [len(part) for part in sections.values()]
+    height = max(2.5, 0.32 * len(rows) + 1.2 * len(sections))
+    fig, axes = plt.subplots(len(sections), len(panels), figsize=(5.2 * len(panels), height), squeeze=False,
+                             sharey="row", gridspec_kw={"height_ratios": sizes})
+    for axes_row, (section, part) in zip(axes, sections.items(), strict=True):
+        for ax, panel in zip(axes_row, panels, strict=True):
+            _bars(ax, part, panel, [colors[str(r.get(color_key, ""))] if color_key else cmap(0) for r in part])
+            ax.set_title(f"{section}: {panel.title}" if section else panel.title, fontsize=10)
+        axes_row[0].set_yticks(list(range(len(part))))
+        axes_row[0].set_yticklabels([str(r.get(label_key, "")) for r in part], fontsize=8)
+        axes_row[0].invert_yaxis()
     if color_key and len(groups) > 1:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
         fig.legend(handles, groups, loc="lower center", ncol=min(len(groups), 5), fontsize=8, frameon=False)
@@ -113,6 +109,19 @@ def plot_bars(path: Path, rows: Sequence[dict[str, Any]], panels: Sequence[Panel
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bars(ax: Any, rows: Sequence[dict[str, Any]], panel: Panel, colors: list[Any]) -> None:
+    values = [r.get(panel.metric) for r in rows]
+    numeric = [float(v) / panel.scale if isinstance(v, (int, float)) and not math.isnan(float(v)) else 0.0
+               for v in values]
+    ys = list(range(len(rows)))
+    ax.barh(ys, numeric, color=colors)
+    if panel.log and any(v > 0 for v in numeric):
+        ax.set_xscale("log")
+    for y, v, raw in zip(ys, numeric, values, strict=True):
+        ax.text(0 if raw is None else v, y, " n/a" if raw is None else f" {v:.0f}" if abs(v) >= 100 else f" {v:.3g}", va="center", fontsize=7)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def _jsonable(value: Any) -> Any:
@@ -141,6 +150,7 @@ def write_report(
     meta: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
     top: dict[str, Any] | None = None,
+    row_key: str | None = None,
 ) -> dict[str, Path]:
     """Write <name>.json, <name>.md and (with panels) <name>.png under out_dir; return their paths.
     `top` adds keys at the JSON's top level, for what other tools read."""
@@ -157,5 +167,6 @@ def write_report(
         md += ["", *[f"- {n}" for n in notes]]
     paths["md"].write_text("\n".join(md) + "\n")
     if panels and rows:
-        paths["png"] = plot_bars(out_dir / f"{name}.png", rows, panels, label_key, color_key, title)
+        paths["png"] = plot_bars(out_dir / f"{name}.png", rows, panels, label_key, color_key, title,
+                                 row_key=row_key)
     return paths
