@@ -120,7 +120,8 @@ def _bars(ax: Any, rows: Sequence[dict[str, Any]], panel: Panel, colors: list[An
     if panel.log and any(v > 0 for v in numeric):
         ax.set_xscale("log")
     for y, v, raw in zip(ys, numeric, values, strict=True):
-        ax.text(0 if raw is None else v, y, " n/a" if raw is None else f" {v:.0f}" if abs(v) >= 100 else f" {v:.3g}", va="center", fontsize=7)
+        text = " n/a" if raw is None else f" {v:.0f}" if abs(v) >= 100 else f" {v:.3g}"
+        ax.text(0 if raw is None else v, y, text, va="center", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
 
 
