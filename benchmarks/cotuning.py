@@ -308,7 +308,7 @@ def run_world(cfg: QualityConfig, ws: int, world: World | None = None, seeds: Se
             key = run_key(method, cfg, ws, seed)
             done = _finished(work, key)
             if done is not None:  # finished before (an interrupted benchmark resumes here)
-                runs.setdefault(name, {})[str(seed)] = done
+                runs.setdefault(name, {})[str(seed)] = {**done, "kept": True}
                 say(f"{name:>16} world {ws} seed {seed}: kept from {work}", flush=True)
                 continue
             shutil.rmtree(work, ignore_errors=True)  # what an interrupted attempt left
@@ -388,6 +388,9 @@ def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = 
         "runs": runs,
         "summary": summarize(runs, cfg.final_split),
         "total_wall_s": time.perf_counter() - started,
+        "runs_kept": sum(bool(r.get("kept")) for by_ws in runs.values() for by_seed in by_ws.values()
+                         for r in by_seed.values()),
+        "runs_total": sum(len(by_seed) for by_ws in runs.values() for by_seed in by_ws.values()),
     }
     if cfg.final_split == "test":
         results["claims"] = claims(runs, built)

@@ -149,8 +149,7 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str = "cotuning"
              f"world seeds x {len(cfg['seeds'])} training seeds, {cfg['settings']['rounds']} rounds")
     paths = write_report(Path(out_dir), name, title, summary_rows(results), _columns(), meta=results,
                          top={"claims": results.get("claims", []), "summary": results["summary"]},
-                         notes=[NOTE, f"Total benchmark time {results['total_wall_s']:.0f} s on "
-                                      f"{cfg['threads']} torch threads."])
+                         notes=[NOTE, _time_note(results)])
     sections = ["", "## Claims (paired bootstrap over worlds, seeds and test items)", "",
                 claims_table(results.get("claims", [])), "",
                 "## Rouge-L by who could know the item's focus word", "",
@@ -163,3 +162,12 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str = "cotuning"
         with paths["md"].open("a") as fh:
             fh.write("\n(no PNG: matplotlib is not installed)\n")
     return paths["md"].read_text()
+
+
+def _time_note(results: dict[str, Any]) -> str:
+    cfg, kept = results["config"], results.get("runs_kept", 0)
+    note = f"This invocation took {results['total_wall_s']:.0f} s on {cfg['threads']} torch threads"
+    if kept:
+        note += (f"; {kept} of its {results.get('runs_total', kept)} runs were kept from earlier invocations "
+                 "sharing the runs folder, and that time covers only the others")
+    return note + "."

@@ -274,6 +274,8 @@ def test_parallel_jobs_and_a_shared_runs_folder_make_each_run_once(tiny) -> None
     prompts = run_quality_benchmark(QualityConfig(out_dir=root / "par-prompts", aux="prompts", **common),
                                     worlds={0: world})
     # Standalone and zero-shot never read the aux data: the prompts mode takes the paper mode's runs.
+    assert (paper["runs_kept"], prompts["runs_kept"], prompts["runs_total"]) == (0, 3, 5)
+    assert all(run.pop("kept") for run in prompts["runs"]["standalone"]["0"].values())
     assert prompts["runs"]["standalone"] == paper["runs"]["standalone"]
     for name in ("standalone-any-w0-s0", "zero-shot-any-w0-s0"):
         assert (shared / name / "result.json").stat().st_mtime_ns == kept[name]
