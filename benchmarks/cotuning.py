@@ -352,7 +352,7 @@ def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = 
     runs: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in cfg.methods}
     world_stats, built = {}, {}
     given = worlds or {}
-    if cfg.workers > 1 and len(cfg.world_seeds) * len(cfg.seeds) > 1:
+    if cfg.workers > 1:  # even one world x one seed holds a job per method
         # Worlds are built first, one process each; then one job per method x world x training seed,
         # so the workers stay busy however few worlds and seeds there are (spawned: torch is not
         # fork-safe). A finished run is kept on disk either way, so the split changes no result.
