@@ -138,6 +138,17 @@ class DistillSpec(_Strict):
     direction: Literal["mutual", "llm_to_slm"] = Field(
         "mutual", description="mutual: both sides learn from each other (FedCoLLM); llm_to_slm: the LLM stays "
         "frozen and only teaches the SLM (an ablation that isolates what the mutual direction adds)")
+    labelled_logits: bool = Field(
+        False, description="run each model's output head only where the next token is trained (the reply); "
+        "the loss is unchanged, and for a large vocabulary most of the forward pass is saved")
+
+    @model_serializer(mode="wrap")
+    def _default_option_unsaid(self, handler: SerializerFunctionWrapHandler):
+        # The default goes unsaid, so a spec that does not turn it on serialises as before.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("labelled_logits", False):
+            data.pop("labelled_logits", None)
+        return data
 
 
 class PrivacySpec(_Strict):

@@ -188,12 +188,45 @@ def test_vocab_alignment_carries_the_teachers_prediction_to_the_student(world3, 
     for b, enc in enumerate(t_enc):
         for u in range(len(enc["input_ids"]) - 1):
             logits[b, u, enc["input_ids"][u + 1]] = 20.0
-    target, aligned = VocabAlignment(teacher_tok, student_tok, top_k=4).targets(
-        logits, records, s_batch["input_ids"].shape[1], t_batch["attention_mask"].sum(1).tolist())
+    alignment = VocabAlignment(teacher_tok, student_tok, top_k=4)
+    top_p, top_i = alignment.teacher_top(logits, None, logits.shape[1])
     response = s_batch["labels"][:, 1:] != -100
+    ids, probs, aligned = alignment.targets(top_p, top_i, records, response, t_batch["attention_mask"].sum(1).tolist())
     used = aligned & response
+    assert not (aligned & ~response).any(), "a target where none was asked for"
     assert used.sum() >= 0.5 * response.sum(), "too few shared token boundaries"
-    hits = (target.argmax(-1) == s_batch["input_ids"][:, 1:])[used]
+    assert torch.allclose(probs[used].sum(-1), torch.ones(int(used.sum())))
+    best = ids.gather(-1, probs.argmax(-1, keepdim=True)).squeeze(-1)
+    hits = (best == s_batch["input_ids"][:, 1:])[used]
     # Not all: where the student's next token is longer than the teacher's, the map can only
     # name a prefix of it (the tokenizers here were trained on different text).
     assert hits.float().mean() >= 0.9
+
+
+def test_aligned_mutual_learning_with_labelled_logits_learns_as_with_full_logits(world3, slms) -> None:
+    """SAML across two vocabularies: the heads run only at reply positions, and each side's losses
+    and adapter come out as with the heads at every position."""
+    import torch
+
+    from common.ml.checkpoint import load_checkpoint
+    from common.ml.lora import attach_lora
+    from common.ml.mutual import mutual_learning
+    from common.protocol import DistillSpec, LoraSpec
+    from common.records import read_jsonl
+
+    records = read_jsonl(world3.data["client_0"])[:24]
+    results = []
+    for labelled in (False, True):
+        proxy, proxy_tok = load_checkpoint(world3.slm_dir)
+        own, own_tok = load_checkpoint(slms.qwen2_own_tok)
+        proxy, own = attach_lora(proxy, LoraSpec(r=4), seed=0), attach_lora(own, LoraSpec(r=4), seed=0)
+        spec = DistillSpec(batch_size=8, lr=1e-2, lambda_kd=1.0, temperature=2.0, max_steps=3,
+                           labelled_logits=labelled)
+        report = mutual_learning(own, own_tok, proxy, proxy_tok, records, spec, seed=0)
+        assert report["aligned_vocab"] == [True, True]
+        results.append((report, {n: p.detach().clone() for n, p in own.named_parameters() if "lora_" in n}))
+    (full, full_own), (kept, kept_own) = results
+    for key in ("first_loss_first", "first_kd_mean", "second_loss_first", "second_kd_mean"):
+        assert kept[key] == pytest.approx(full[key], rel=1e-4), key
+    assert kept["first_kd_mean"] > 0
+    assert all(torch.allclose(full_own[n], kept_own[n], atol=1e-5) for n in full_own)

@@ -81,6 +81,47 @@ def test_kd_loss_gradients_reach_only_the_student() -> None:
         kd_loss(torch.randn(1, 2, 5), torch.randn(1, 2, 6), None)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_kd_loss_is_kd_loss_against_its_support(temperature: float) -> None:
+    """A teacher given as (ids, probabilities), with an id named twice and a slot left empty, is the
+    dense teacher whose logits are log p on those ids and nothing elsewhere."""
+    from common.ml.kd import kd_loss_sparse
+
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 3, 10, generator=gen)
+    ids = torch.tensor([[[1, 4, 4], [0, 2, 9], [3, 5, 7]], [[6, 6, 6], [2, 8, 1], [9, 0, 3]]])
+    probs = torch.tensor([[[0.5, 0.3, 0.0], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]],
+                          [[1.0, 0.0, 0.0], [0.3, 0.3, 0.4], [0.25, 0.25, 0.5]]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    dense = torch.full((2, 3, 10), -1.0e4)
+    for b in range(2):
+        for t in range(3):
+            mass = torch.zeros(10).index_add_(0, ids[b, t], probs[b, t])
+            dense[b, t] = torch.where(mass > 0, (mass / mass.sum()).log(), dense[b, t])
+    got = kd_loss_sparse(student, ids, probs, mask, temperature)
+    assert got.item() == pytest.approx(kd_loss(student, dense, mask, temperature).item(), rel=1e-5)
+
+
+def test_labelled_logits_distil_as_full_logits(setup) -> None:
+    """The head at reply positions only gives the same losses and the same adapters as at every
+    position, up to float rounding."""
+    suite, tokenizer = setup
+    results = []
+    for labelled in (False, True):
+        llm = attach_lora(build_tiny_model("llama", "small", VOCAB, seed=1), LoraSpec(r=4), seed=0)
+        slm = attach_lora(build_tiny_model("llama", "tiny", VOCAB, seed=2), LoraSpec(r=4), seed=0)
+        spec = DistillSpec(batch_size=8, lr=1e-2, lambda_kd=1.0, temperature=2.0, max_steps=3,
+                           labelled_logits=labelled)
+        report = mutual_distillation(llm, slm, tokenizer, suite.aux, spec, seed=0)
+        results.append((report, _snapshot(slm), _snapshot(llm)))
+    (full, full_slm, full_llm), (kept, kept_slm, kept_llm) = results
+    for key in ("slm_loss_first", "slm_kd_mean", "llm_loss_first", "llm_loss_last"):
+        assert kept[key] == pytest.approx(full[key], rel=1e-4), key
+    for a, b in ((full_slm, kept_slm), (full_llm, kept_llm)):
+        assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
+    assert "labelled_logits" not in DistillSpec().model_dump()  # the default goes unsaid
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     suite = make_suite(num_clients=1, seed=0, per_client=20, public_size=20, aux_size=16)

@@ -8,11 +8,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from common.ml.batching import _num_batches, _special_ids, collate, encode_sft, iterate_batches
+from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
 from common.ml.device import model_device, rng_devices, to_device
 from common.ml.kd import _vocab_size, kd_loss
 from common.ml.mutual import loss_report, record_losses
-from common.ml.train import ProgressFn, _lora_only, _Progress, _response_ce, optimizer_step
+from common.ml.positions import kept_positions, next_labels, next_token_ce, position_logits
+from common.ml.train import ProgressFn, _lora_only, _Progress, optimizer_step
 
 if TYPE_CHECKING:
     from common.protocol import DistillSpec
@@ -69,19 +70,19 @@ def mutual_distillation(
     ) -> None:
         teacher_side = "llm" if side == "slm" else "slm"
         batch = to_device(batch, devices[side])
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        keep = kept_positions(batch["labels"], spec.labelled_logits)
         teacher.eval()
         with torch.no_grad():
-            teacher_inputs = to_device(inputs, devices[teacher_side])
-            teacher_logits = teacher(**teacher_inputs).logits[:, :-1].to(devices[side])
+            teacher_logits = position_logits(teacher, to_device(batch, devices[teacher_side]), keep).to(devices[side])
         student.train()
-        logits = student(**inputs).logits
+        logits = position_logits(student, batch, keep)
         if logits.size(-1) != teacher_logits.size(-1):
             raise ValueError(
                 f"logits widths differ ({logits.size(-1)} vs {teacher_logits.size(-1)})"
             )
-        ce = _response_ce(logits, batch["labels"])
-        kd = kd_loss(logits[:, :-1], teacher_logits, batch["labels"][:, 1:] != -100, temp, top_k)
+        labels = next_labels(batch["labels"], keep)
+        ce = next_token_ce(logits, labels)
+        kd = kd_loss(logits, teacher_logits, labels != IGNORE_INDEX, temp, top_k)
         loss = optimizer_step(ce + lam * kd, opt, params)
         student.eval()
         record_losses(history, side, loss, ce, kd)

@@ -28,7 +28,6 @@ def kd_loss(
     mass outside the teacher's top-k. The value is still >= 0, and 0 exactly when the
     student matches p_k on those ids (and so has no mass elsewhere).
     """
-    import torch
     import torch.nn.functional as F
 
     if student_logits.shape != teacher_logits.shape:
@@ -50,6 +49,45 @@ def kd_loss(
         values, index = t.topk(top_k, dim=-1)
         log_p = F.log_softmax(values, dim=-1)
         kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum(dim=-1)
+    return _masked_mean(kl, mask, log_q) * (temperature**2)
+
+
+def kd_loss_sparse(
+    student_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """kd_loss against a teacher given by its support: (..., k) student ids and their probabilities
+    (0 for unused slots), as common.ml.vocab_align maps a teacher of another vocabulary.
+
+    The same value as kd_loss with the teacher's logits log(p) on those ids and none elsewhere:
+    at temperature T the teacher is p^(1/T) renormalised over its support, the student its full
+    softmax at T, and the loss T^2 * sum_k p_k * (log p_k - log q_k), masked mean over positions.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if target_ids.shape != target_probs.shape or target_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"target ids {tuple(target_ids.shape)} and probabilities {tuple(target_probs.shape)} "
+                         f"do not match the student's positions {tuple(student_logits.shape[:-1])}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    used = target_probs > 0
+    p = torch.where(used, target_probs.float(), torch.zeros_like(target_probs, dtype=torch.float32))
+    if temperature != 1.0:
+        p = torch.where(used, p.clamp_min(1e-30).pow(1.0 / temperature), p)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    log_p = torch.where(used, p.clamp_min(1e-30).log(), torch.zeros_like(p))
+    kl = torch.where(used, p * (log_p - log_q.gather(-1, target_ids)), torch.zeros_like(p)).sum(dim=-1)
+    return _masked_mean(kl, mask, log_q) * (temperature**2)
+
+
+def _masked_mean(kl: torch.Tensor, mask: torch.Tensor | None, log_q: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if mask is None:
         weights = torch.ones_like(kl)
     else:
@@ -60,7 +98,7 @@ def kd_loss(
     if count.item() == 0:
         # Nothing to distil in this batch: a zero that keeps the graph connected.
         return log_q.sum() * 0.0
-    return (kl * weights).sum() / count * (temperature**2)
+    return (kl * weights).sum() / count
 
 
 def _vocab_size(model: Any) -> int:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from common.ml.batching import IGNORE_INDEX, _num_batches, _special_ids, collate, encode_sft, iterate_batches
 from common.ml.device import model_device, rng_devices, to_device
-from common.ml.kd import kd_loss
-from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, _response_ce, optimizer_step
+from common.ml.kd import kd_loss, kd_loss_sparse
+from common.ml.positions import kept_positions, next_labels, next_token_ce, position_logits
+from common.ml.train import ProgressFn, _lora_only, _loss_summary, _Progress, optimizer_step
 
 if TYPE_CHECKING:
     from common.protocol import DistillSpec
@@ -105,31 +106,33 @@ def _update(
 
     s_batch = student.batch(indices)
     t_batch = s_batch if alignment is None else teacher.batch(indices)
+    keep = kept_positions(s_batch["labels"], spec.labelled_logits)
+    labels = next_labels(s_batch["labels"], keep)
+    mask = labels != IGNORE_INDEX
     teacher.model.eval()
     with torch.no_grad():
-        t_logits = teacher.model(input_ids=t_batch["input_ids"], attention_mask=t_batch["attention_mask"]).logits
-    mask = s_batch["labels"][:, 1:] != -100
-    if alignment is None:
-        target = t_logits[:, :-1].to(mask.device)
-        top_k = spec.top_k
-    else:
-        lengths = t_batch["attention_mask"].sum(dim=1).tolist()
-        target, aligned = alignment.targets(t_logits, [records[i] for i in indices], s_batch["input_ids"].shape[1],
-                                            lengths)
-        target, aligned = target.to(mask.device), aligned.to(mask.device)
-        mask = mask & aligned
-        top_k = None  # already reduced to the teacher's top-k, mapped
+        t_keep = keep if alignment is None else kept_positions(t_batch["labels"], spec.labelled_logits)
+        t_logits = position_logits(teacher.model, t_batch, t_keep)
     student.model.train()
-    logits = student.model(input_ids=s_batch["input_ids"], attention_mask=s_batch["attention_mask"]).logits
-    if alignment is None and logits.size(-1) != target.size(-1):
-        raise ValueError(
-            f"{student.name} and {teacher.name} share a tokenizer but their output layers differ "
-            f"({logits.size(-1)} vs {target.size(-1)} ids); give both models the tokenizer's vocabulary size"
-        )
-    ce_labels = student.ce_labels(s_batch["labels"], indices)
-    # A batch of KL-only records has no CE term (cross_entropy over no label would be NaN).
-    ce = _response_ce(logits, ce_labels) if bool((ce_labels != IGNORE_INDEX).any()) else logits.sum() * 0.0
-    kd = kd_loss(logits[:, :-1], target, mask, spec.temperature, top_k)
+    logits = position_logits(student.model, s_batch, keep)
+    ce = next_token_ce(logits, next_labels(student.ce_labels(s_batch["labels"], indices), keep))
+    if alignment is None:
+        if logits.size(-1) != t_logits.size(-1):
+            raise ValueError(
+                f"{student.name} and {teacher.name} share a tokenizer but their output layers differ "
+                f"({logits.size(-1)} vs {t_logits.size(-1)} ids); give both models the tokenizer's vocabulary size"
+            )
+        kd = kd_loss(logits, t_logits.to(mask.device), mask, spec.temperature, spec.top_k)
+    else:
+        # The teacher's top-k, carried onto the student's positions and ids (common.ml.vocab_align).
+        top_p, top_i = alignment.teacher_top(t_logits, t_keep, t_batch["input_ids"].shape[1] - 1)
+        ids, probs, aligned = alignment.targets(top_p, top_i, [records[i] for i in indices],
+                                                s_batch["labels"][:, 1:] != IGNORE_INDEX,
+                                                t_batch["attention_mask"].sum(dim=1).tolist())
+        if keep is not None:
+            ids, probs, aligned = ids[:, keep], probs[:, keep], aligned[:, keep]
+        kd = kd_loss_sparse(logits, ids.to(logits.device), probs.to(logits.device), mask & aligned.to(mask.device),
+                            spec.temperature)
     loss = optimizer_step(ce + spec.lambda_kd * kd, student.optimizer, student.params)
     student.model.eval()
     record_losses(history, student.name, loss, ce, kd)

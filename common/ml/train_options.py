@@ -115,7 +115,7 @@ def _base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any, float | None]:
+def decoder_and_head(model: Any) -> tuple[Any, Any, float | None]:
     """(decoder body, output head, final logit soft-cap) of a causal LM the loss can run the head of."""
     base = _base_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
@@ -146,7 +146,7 @@ def batch_loss(model: Any, tensors: dict[str, Any], options: TrainOptions) -> An
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    decoder, head, softcap = _decoder_and_head(model)
+    decoder, head, softcap = decoder_and_head(model)
     labels = tensors["labels"]
     # The logits at position t predict token t+1: keep the positions whose next token is trained in any row.
     keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)

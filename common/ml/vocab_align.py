@@ -11,7 +11,8 @@ Two steps, after FedMKT's token alignment (Fan et al., 2024):
   (FedMKT's rule; ties: a student token that is a prefix of the teacher token, then the
   longer) or, by default, to the first token of the student's own encoding of the teacher
   token's text, which is exactly the student's next token when the text goes on that way.
-  The teacher's top-k probabilities are summed onto the mapped ids and renormalised.
+  The teacher's top-k probabilities are summed onto the mapped ids and renormalised; the
+  student learns toward that support (common.ml.kd.kd_loss_sparse), never a vocabulary-wide copy.
 
 Limits: character offsets come from the fast tokenizers' offset mappings, so both
 tokenizers must report offsets into the original text without trimming spaces (true of
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
     import torch
 
     from common.records import TaskRecord
-
-# Logit for ids the mapped teacher gives no mass: exp() of it is 0 without making NaNs.
-_NEG = -1.0e4
-
 
 def same_vocabulary(a: Any, b: Any) -> bool:
     """True when two tokenizers turn every text into the same ids."""
@@ -139,39 +136,65 @@ class VocabAlignment:
             self._starts[key] = _char_starts(tokenizer, record)
         return self._starts[key]
 
-    def targets(
-        self, teacher_logits: torch.Tensor, records: Sequence[TaskRecord], student_len: int,
-        teacher_lengths: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target logits (B, student_len - 1, student_width), aligned mask (B, student_len - 1)).
+    def teacher_top(self, teacher_logits: torch.Tensor, keep: torch.Tensor | None,
+                    positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k (probabilities, ids), (B, positions, k) on the CPU, from its logits
+        at the kept positions (None: every position); zero probability where not computed."""
+        import torch
 
-        Row b of `teacher_logits` is the teacher's right-padded encoding of records[b];
-        `teacher_lengths` gives each row's real length (default: all of it).
+        probs = torch.softmax(teacher_logits.float(), dim=-1)
+        k = min(self.top_k, probs.size(-1))
+        # The top-k on the teacher's device, then to the CPU: the loop in targets() indexes CPU tensors.
+        top_p, top_i = (t.cpu() for t in probs.topk(k, dim=-1))
+        if keep is None:
+            return top_p, top_i
+        batch = top_p.size(0)
+        full_p, full_i = torch.zeros((batch, positions, k)), torch.zeros((batch, positions, k), dtype=torch.long)
+        full_p[:, keep.cpu()], full_i[:, keep.cpu()] = top_p, top_i
+        return full_p, full_i
+
+    def targets(
+        self, top_p: torch.Tensor, top_i: torch.Tensor, records: Sequence[TaskRecord], want: torch.Tensor,
+        teacher_lengths: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's targets as a support: (ids, probabilities) of shape (B, S, k) and an
+        aligned mask (B, S), for the student positions `want` (B, S) asks for.
+
+        Row b of `top_p`/`top_i` (teacher_top) is the teacher's right-padded encoding of records[b],
+        position u predicting its token u + 1; `teacher_lengths` gives each row's real length.
+        Teacher ids that map to one student id are summed into its first slot (the others get 0).
         """
         import torch
 
-        batch = len(records)
-        width = self.student_width
-        target = torch.zeros((batch, student_len - 1, width), dtype=torch.float32)
-        aligned = torch.zeros((batch, student_len - 1), dtype=torch.bool)
-        probs = torch.softmax(teacher_logits.float(), dim=-1)
-        k = min(self.top_k, probs.size(-1))
-        # The top-k on the teacher's device, then to the CPU: the loop below indexes CPU tensors.
-        top_p, top_i = (t.cpu() for t in probs.topk(k, dim=-1))
-        token_map = torch.tensor(self.token_map, dtype=torch.long)
+        batch, student_pos = want.shape
+        k = top_p.size(-1)
+        rows, cols, teacher_cols = [], [], []
+        want_cpu = want.cpu()
         for b, record in enumerate(records):
             s_starts = self._record_starts(0, self.student_tokenizer, record)
             t_starts = self._record_starts(1, self.teacher_tokenizer, record)
-            t_len = min(len(t_starts), teacher_lengths[b] if teacher_lengths else teacher_logits.size(1))
+            t_len = min(len(t_starts), teacher_lengths[b] if teacher_lengths else top_p.size(1) + 1)
             # Teacher position u predicts token u + 1: index it by where that token starts.
-            by_start = {t_starts[u + 1]: u for u in range(t_len - 1)}
-            for t in range(min(student_len, len(s_starts)) - 1):
-                u = by_start.get(s_starts[t + 1])
-                if u is None:
-                    continue
-                mapped = torch.zeros(width, dtype=torch.float32)
-                ids = token_map[top_i[b, u]].clamp(max=width - 1)
-                mapped.index_add_(0, ids, top_p[b, u])
-                target[b, t] = torch.where(mapped > 0, (mapped / mapped.sum()).log(), torch.full_like(mapped, _NEG))
-                aligned[b, t] = True
-        return target, aligned
+            by_start = {t_starts[u + 1]: u for u in range(min(t_len - 1, top_p.size(1)))}
+            for t in range(min(student_pos, len(s_starts) - 1)):
+                u = by_start.get(s_starts[t + 1]) if want_cpu[b, t] else None
+                if u is not None and float(top_p[b, u].sum()) > 0:
+                    rows.append(b)
+                    cols.append(t)
+                    teacher_cols.append(u)
+        ids = torch.zeros((batch, student_pos, k), dtype=torch.long)
+        probs = torch.zeros((batch, student_pos, k))
+        aligned = torch.zeros((batch, student_pos), dtype=torch.bool)
+        if rows:
+            token_map = torch.tensor(self.token_map, dtype=torch.long)
+            mapped = token_map[top_i[rows, teacher_cols]].clamp(max=self.student_width - 1)
+            ids[rows, cols], probs[rows, cols], aligned[rows, cols] = mapped, top_p[rows, teacher_cols], True
+        # Merge slots that map to one student id: slot j carries the mass of every slot with its id
+        # when no earlier slot has that id, and nothing otherwise.
+        same = ids.unsqueeze(-1) == ids.unsqueeze(-2)  # (B, S, k, k): same[j, i] = ids_j == ids_i
+        merged = (same.float() * probs.unsqueeze(-2)).sum(-1)
+        earlier = torch.ones((k, k), dtype=torch.bool).tril(-1)  # i < j
+        first = ~(same & earlier).any(-1)
+        probs = torch.where(first, merged, torch.zeros_like(merged))
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        return ids.to(want.device), probs.to(want.device), aligned.to(want.device)

@@ -84,7 +84,7 @@ class CoPlmsHandler(LoraSftHandler):
         if params.saml_epochs > 0:
             saml = DistillSpec(epochs=params.saml_epochs, lr=train.lr, batch_size=train.batch_size,
                                lambda_kd=params.alpha, temperature=params.temperature, top_k=params.top_k,
-                               max_steps=train.max_steps)
+                               max_steps=train.max_steps, labelled_logits=train.labelled_logits)
             prompted = self._prompt_records(info, slm, slm_tok)
             data, kl_only = list(records) + prompted, None
             if prompted:
