@@ -269,10 +269,21 @@ def _subprocess(args: list[str], threads: int, timeout_s: float) -> dict[str, An
     return json.loads(lines[-1])
 
 
+def run_worker(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str, Any]:
+    """`worker(spec)` in a fresh Python process of its own (one engine's memory and threads only)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cotune-latency-") as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        return _subprocess(["--worker", str(spec_file)], threads, timeout_s)
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _prompt_ids(assets: ModelAssets, n: int) -> list[int]:
+def prompt_ids_for(assets: ModelAssets, n: int) -> list[int]:
+    """A prompt of exactly n tokens in the model's tokenizer (its tokenizer.json, or a GGUF's own)."""
     from edge_sdk.runtime.bench import prompt_ids
 
     tok_file = None
@@ -356,7 +367,7 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
         notes.extend(assets.notes)
         if not assets.builds and assets.hf_dir is None:
             continue
-        ids = _prompt_ids(assets, cfg.prompt_tokens)
+        ids = prompt_ids_for(assets, cfg.prompt_tokens)
         pad = _pad_id(assets.hf_dir)
         bytes_cache: dict[str, int | None] = {}
         jobs = plan_jobs(assets, engines)
@@ -373,10 +384,7 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                         "pad_id": pad, "flash_attn": cfg.flash_attn}
                 log(f"{key} {job['build']} {job['engine']}: measuring (pass {p + 1}/{cfg.repeats})")
                 try:
-                    spec_file = Path(cfg.out_dir) / ".spec.json"
-                    spec_file.parent.mkdir(parents=True, exist_ok=True)
-                    spec_file.write_text(json.dumps(spec))
-                    figures = _subprocess(["--worker", str(spec_file)], threads, cfg.timeout_s)
+                    figures = run_worker(spec, threads, cfg.timeout_s)
                     measured[i].append(figures)
                     log(f"  ttft {figures['ttft_s'] * 1000:.0f} ms, prefill {figures['prefill_tok_s']:.0f} tok/s, "
                         f"decode {figures['decode_tok_s']:.1f} tok/s, rss {figures['peak_rss_bytes'] / 2**20:.0f} MiB")
@@ -401,7 +409,6 @@ def run_latency(cfg: LatencyConfig, log: Log = print) -> dict[str, Path]:
                 row["bandwidth_bound_tok_s"] = bound
                 row["bandwidth_fraction"] = row["decode_tok_s"] / bound
             rows.append(row)
-        (Path(cfg.out_dir) / ".spec.json").unlink(missing_ok=True)
     _add_ratios(rows)
     notes.extend(_target_notes(rows))
     columns = [

@@ -117,7 +117,7 @@ def export_builds(
     or a (path-or-bytes, LoraSpec) tuple. `targets` is e.g. "gguf:q4_k_m,gguf-lora,onnx:int4".
     Each build lands in `out_dir/<format>-<quant>/` with a manifest.json. Raises ExportError
     (ParityError when a build crosses `bounds`) and then leaves `out_dir` untouched.
-    The int4_* settings go to export.quantize.quantize_onnx_int4 for onnx:int4.
+    The int4_* settings go to export.quantize.WeightQuant for onnx:int4.
     """
     bounds = bounds or ParityBounds()
     wanted = parse_targets(targets)

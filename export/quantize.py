@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,9 @@ def _onnx_bytes(model_path: Path) -> int:
     return sum(f.stat().st_size for f in model_path.parent.iterdir() if f.name.startswith(model_path.name))
 
 
-def quantize_onnx_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 (per-channel weights, activations quantized at run time)."""
+def quantize_onnx_dynamic_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 (per-channel weights, activations quantized at run time): onnx:int8 before the
+    weight-only builds, kept for the quantization benchmark's comparison."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = _onnx_bytes(src) // 4 > _EXTERNAL_DATA_BYTES
@@ -106,36 +108,68 @@ def _head_matmuls(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.output) & outputs]
 
 
-def quantize_onnx_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int | None = 4,
-                       head_bits: int = 8, symmetric: bool = False) -> None:
-    """Weight-only int4 (MatMulNBits / GatherBlockQuantized) of every MatMul and Gather: the embedding too.
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight-only block quantization of an ONNX decoder (MatMulNBits / GatherBlockQuantized):
+    every MatMul and the embedding Gather get `bits`, the output head `head_bits`; activations stay
+    float. `accuracy_level` is onnxruntime's compute type for MatMulNBits (None: float, as the
+    weights were; 4: int8 activations, faster and less exact). `algorithm` "rtn" rounds each block
+    to its nearest grid point (asymmetric unless `symmetric`); "hqq" fits each block's scale and
+    zero point by half-quadratic optimisation (onnxruntime's HQQ quantizer, 4 bits only)."""
 
-    `head_bits=8` keeps the (untied) output head at 8 bits, as llama.cpp's k-quant mixes keep output.weight
-    higher; with asymmetric blocks this took Gemma 3 270M's perplexity change from +81% to +45% here.
-    """
-    import onnx
+    bits: int = 4
+    block_size: int = 32
+    accuracy_level: int | None = None
+    head_bits: int = 8
+    symmetric: bool = False
+    algorithm: str = "rtn"
 
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or self.head_bits not in (4, 8):
+            raise ValueError(f"bits and head_bits must be 4 or 8, got {self.bits} and {self.head_bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.algorithm not in ("rtn", "hqq") or (self.algorithm == "hqq" and self.bits != 4):
+            raise ValueError(f"algorithm must be rtn, or hqq at 4 bits; got {self.algorithm} at {self.bits} bits")
+
+
+def _quiet_quantizer_import() -> Any:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    import onnxruntime.quantization.matmul_nbits_quantizer as nbits
 
     # That module runs logging.basicConfig(level=INFO) on import, which would print every node it visits.
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     root.setLevel(level)
+    return nbits
+
+
+def quantize_onnx_weights(src: Path, dst: Path, quant: WeightQuant) -> None:
+    """Weight-only block quantization of every MatMul and Gather (the embedding too), the untied output
+    head at `quant.head_bits`: llama.cpp's k-quant mixes keep output.weight wider for the same reason."""
+    import onnx
+
+    nbits = _quiet_quantizer_import()
     model = onnx.load(str(src))
-    head = _head_matmuls(model) if head_bits != 4 else []
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=head, algo_config=config)
+    head = _head_matmuls(model) if quant.head_bits != quant.bits else []
+    axes = (("MatMul", 0), ("Gather", 1))
+    if quant.algorithm == "hqq":
+        config: Any = nbits.HQQWeightOnlyQuantConfig(block_size=quant.block_size, bits=quant.bits,
+                                                      op_types_to_quantize=("MatMul", "Gather"), quant_axes=axes)
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=quant.block_size, is_symmetric=quant.symmetric, accuracy_level=quant.accuracy_level,
+            op_types_to_quantize=("MatMul", "Gather"), quant_axes=axes, bits=quant.bits)
+    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=head, algo_config=config)
     quantizer.process()
     if head:
-        wide = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                            accuracy_level=accuracy_level, op_types_to_quantize=(), bits=head_bits)
-        quantizer = MatMulNBitsQuantizer(quantizer.model.model, nodes_to_include=head, algo_config=wide)
+        wide = nbits.DefaultWeightOnlyQuantConfig(block_size=quant.block_size, is_symmetric=quant.symmetric,
+                                                  accuracy_level=quant.accuracy_level, op_types_to_quantize=(),
+                                                  bits=quant.head_bits)
+        quantizer = nbits.MatMulNBitsQuantizer(quantizer.model.model, nodes_to_include=head, algo_config=wide)
         quantizer.process()
-    external = _onnx_bytes(src) // 7 > _EXTERNAL_DATA_BYTES
+    external = _onnx_bytes(src) * quant.bits // 32 > _EXTERNAL_DATA_BYTES
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
 
 

@@ -30,8 +30,9 @@ def test_onnx_builds_of_a_tied_qwen2(tmp_path: Path) -> None:
     p = fp32.manifest.parity
     assert p["greedy_identical"] and p["rel_logit_diff"] < 1e-4
     assert int8.manifest.parity["top1_agreement"] >= ParityBounds().min_top1_8bit
-    assert int4.manifest.parity["int4"] == {"block_size": 32, "accuracy_level": 4, "head_bits": 8,
-                                            "symmetric": False}
+    assert int4.manifest.parity["int4"] == {"bits": 4, "block_size": 32, "accuracy_level": 4, "head_bits": 8,
+                                            "symmetric": False, "algorithm": "rtn"}
+    assert int8.manifest.parity["int8"]["bits"] == 8
     assert int4.manifest.size_bytes < int8.manifest.size_bytes < fp32.manifest.size_bytes
 
     import onnx
@@ -43,3 +44,8 @@ def test_onnx_builds_of_a_tied_qwen2(tmp_path: Path) -> None:
     big = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) in (
         [512, 64], [64, 512])]
     assert big == []
+    # int8 is weight-only too: 8-bit MatMulNBits, activations left in float.
+    int8_graph = onnx.load(str(int8.path / "model.onnx")).graph
+    nbits = [n for n in int8_graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    assert not any(n.op_type == "DynamicQuantizeLinear" for n in int8_graph.node)

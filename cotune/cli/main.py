@@ -15,6 +15,7 @@ import typer
 
 from cotune.cli.admin import builds_app, devices_app, runs_app, watch
 from cotune.cli.bench_quality import bench_quality
+from cotune.cli.bench_quant import bench_quant
 from cotune.cli.bench_train import bench_train
 from cotune.cli.edge_doctor import edge_doctor
 from cotune.cli.edge_export import edge_export
@@ -54,6 +55,7 @@ edge_app.command("doctor")(edge_doctor)
 bench_app.command("latency")(bench_latency)
 bench_app.command("quality")(bench_quality)
 bench_app.command("train")(bench_train)
+bench_app.command("quant")(bench_quant)
 
 
 def _version(value: bool) -> None:
