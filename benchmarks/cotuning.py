@@ -364,6 +364,8 @@ def run_quality_benchmark(cfg: QualityConfig, worlds: dict[int, World] | None = 
             given = {**given, **dict(zip(missing, pool.map(_world, [cfg] * len(missing), missing), strict=True))}
             jobs = [(ws, seed, name) for seed in cfg.seeds for ws in cfg.world_seeds for name in cfg.methods
                     if METHODS[name].kind != "zero-shot" or seed == cfg.seeds[0]]
+            # The longest first: the pool takes jobs in order, so the last to start are the short ones.
+            jobs.sort(key=lambda job: -METHODS[job[2]].cost)
             parts = list(pool.map(run_world, [cfg] * len(jobs), [ws for ws, _, _ in jobs],
                                   [given[ws] for ws, _, _ in jobs], [(seed,) for _, seed, _ in jobs],
                                   [(name,) for _, _, name in jobs]))

@@ -37,6 +37,19 @@ class Method:
     encoding: str = "fp32"  # RunSpec.update_encoding: how the devices' updates travel
 
     @property
+    def cost(self) -> int:
+        """Relative compute of one run, for starting the longest jobs first (parallel workers finish
+        together): Co-PLMs trains two models per device and distils both ways on the device and the
+        server; Centralized trains the LLM on every record; methods with an LLM distil on the server."""
+        if self.algorithm == "co-plms":
+            return 5
+        if self.kind == "centralized":
+            return 4
+        if self.llm:
+            return 3
+        return {"strategy": 2, "standalone": 1 + self.het}.get(self.kind, 0)
+
+    @property
     def reads_aux(self) -> bool:
         """Whether the server's auxiliary data enters the run: FedCoLLM and Co-PLMs distil on it and
         Centralized pools its answers; the others (CrossLM takes its prompts from the pool or the
