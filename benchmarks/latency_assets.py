@@ -12,7 +12,7 @@ from common.cache import cache_root
 from common.manifest import MANIFEST_NAME, BuildManifest
 
 # Bump when the way a cached asset is made changes, so stale caches are not reused.
-ASSET_VERSION = "1"
+ASSET_VERSION = "2"  # 2: ONNX builds take logits_to_keep
 GEMMA_BASE = "gemma-3-270m (q4_k_m GGUF)"
 GEMMA_CONTEXT = 32768
 

@@ -38,7 +38,59 @@ def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
     if not model.is_file():
         found = sorted(p.name for p in out_dir.iterdir())
         raise ExportError(f"optimum wrote no model.onnx into {out_dir} (found {found})")
+    add_logits_to_keep(model)
     return model
+
+
+# The optional graph input that limits the output head to the last positions (transformers' name).
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def add_logits_to_keep(model_path: Path) -> bool:
+    """Give the graph an optional int64 input `logits_to_keep`: the head runs on the last k positions
+    only, all of them when k is 0 (its default, so optimum and the parity check, which feed no such
+    input, get every position as before). Returns False, changing nothing, when the logits are not
+    the output of one MatMul (e.g. a soft-capped head).
+
+    Why: the edge runtime needs only the last position's logits; at a 262k-word vocabulary (Gemma)
+    the head over a 512-token prompt is most of the prefill's work (onnxruntime-genai's builder
+    makes the same cut; optimum's graphs do not).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)  # weights stay where they are
+    graph = proto.graph
+    if any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return True
+    outputs = {o.name for o in graph.output if o.name == "logits"}
+    heads = [n for n in graph.node if n.op_type == "MatMul" and set(n.output) & outputs]
+    if len(heads) != 1:
+        return False
+    head = heads[0]
+    hidden = head.input[0]
+    names = {k: f"/cotune/logits_to_keep/{k}" for k in ("neg", "starts", "shape", "ends", "axes", "kept")}
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(0, dtype=np.int64), LOGITS_TO_KEEP),  # the default: every position
+        numpy_helper.from_array(np.array([1], dtype=np.int64), names["shape"]),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), names["ends"]),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), names["axes"]),
+    ])
+    at = list(graph.node).index(head)
+    cut = [
+        helper.make_node("Neg", [LOGITS_TO_KEEP], [names["neg"]], name=names["neg"]),
+        helper.make_node("Reshape", [names["neg"], names["shape"]], [names["starts"]], name=names["starts"]),
+        # Positions [-k, end) of (batch, sequence, hidden); -0 is 0, the whole sequence.
+        helper.make_node("Slice", [hidden, names["starts"], names["ends"], names["axes"]], [names["kept"]],
+                         name=names["kept"]),
+    ]
+    for offset, node in enumerate(cut):
+        graph.node.insert(at + offset, node)
+    head.input[0] = names["kept"]
+    onnx.save(proto, str(model_path))
+    return True
 
 
 GENAI_CONFIG = "genai_config.json"

@@ -26,7 +26,7 @@ def test_quantization_benchmark_measures_each_variant(tmp_path: Path, monkeypatc
     assert rows["gguf-q8_0"]["format"] == "gguf" and rows["gguf-q8_0"]["bits"] == 8
     assert "w8-b32" in paths["md"].read_text() and paths["png"].read_bytes()[:4] == b"\x89PNG"
     # A variant's build is cached: a second run quantizes nothing again.
-    stamp = tmp_path / "cache" / "bench" / "tiny-v1" / "quant" / "w8-b32" / "variant.json"
+    stamp = tmp_path / "cache" / "bench" / "tiny-v2" / "quant" / "w8-b32" / "variant.json"
     before = stamp.stat().st_mtime_ns
     run_quantization(QuantConfig(models=("tiny",), variants=("w8-b32",), runs=1, threads=1, prompt_tokens=32,
                                  decode_tokens=8, out_dir=tmp_path / "out2", gguf_quants=()), log=lambda _m: None)

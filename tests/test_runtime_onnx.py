@@ -74,6 +74,28 @@ def test_chunked_prefill_gives_the_same_tokens(tiny: dict[str, Path]) -> None:
         assert chunked.generate(prompt, 16).token_ids == whole.generate(prompt, 16).token_ids
 
 
+def test_prefill_keeps_only_the_last_logits_and_they_match_the_full_graph(tiny: dict[str, Path]) -> None:
+    """The exported graph's logits_to_keep input: the runtime asks for the last position only and
+    gets the row the full head (its default, what optimum and the parity check see) gives there."""
+    import numpy as np
+    import onnx
+
+    from edge_sdk.runtime.onnx_backend import OnnxBackend
+    from export.parity import OnnxRunner
+
+    path = tiny["onnx"] / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert "logits_to_keep" in {i.name for i in graph.input}
+    backend = OnnxBackend(path, tiny["onnx"] / "tokenizer.json", threads=1)
+    ids = backend.tokenize(" ".join(TEXTS[:2]))
+    last = backend.prefill(ids)
+    full = OnnxRunner(path, threads=1).logits(ids)  # feeds no logits_to_keep: every position
+    assert full.shape[0] == len(ids)
+    np.testing.assert_allclose(last, full[-1], rtol=1e-4, atol=1e-4)
+    assert backend.info.extra["logits_kept"] == 1
+    backend.close()
+
+
 def test_generate_reports_counts_and_timings(model) -> None:
     r = model.generate("the river lock", max_tokens=12, ignore_eos=True)
     assert r.backend == "onnxruntime"

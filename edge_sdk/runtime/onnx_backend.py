@@ -11,8 +11,11 @@ Why this is faster than optimum's ORTModelForCausalLM.generate on the same file:
   next step's `past` inputs through IO binding, never copied out to numpy (or torch).
 - Logits are written by the session into a buffer allocated once, and only the last
   position's row is read; there is no per-step tensor bookkeeping in Python.
-- The prompt is fed in chunks, so the full (prompt x vocab) logits matrix that these graphs
-  produce never has to exist at once (it is 0.5 GB for a 512-token prompt at 256k vocab).
+- cotune's exports have an optional `logits_to_keep` input (export/onnx_export.py): fed 1, the
+  output head runs on the last position only, so a prompt costs the decoder layers and one
+  row of logits, not a (prompt x vocab) matrix (0.5 GB and most of the work for a 512-token
+  prompt at Gemma's 262k vocabulary). Graphs without it get the prompt in chunks of 128, so
+  that matrix never exists at once.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from edge_sdk.runtime.base import (
 )
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_LOGITS_TO_KEEP = "logits_to_keep"
+# Prompt tokens per prefill pass when the graph can keep the last position's logits only; else
+# fewer, so that a pass's (chunk x vocab) logits stay small.
+_DEFAULT_PREFILL_CHUNK, _LONG_PREFILL_CHUNK = 128, 512  # prefill_chunk=None picks one
 # Tokens that end a turn or a document in the families we export, when config files do
 # not list them; llama.cpp treats the same ones as end-of-generation.
 _END_TOKENS = ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -118,7 +125,7 @@ class OnnxBackend(Backend):
         tokenizer_path: str | Path,
         n_ctx: int | None = None,
         threads: int | None = None,
-        prefill_chunk: int = 128,
+        prefill_chunk: int | None = None,
         eos_ids: Sequence[int] | None = None,
         providers: Providers | None = "auto",
     ) -> None:
@@ -168,8 +175,10 @@ class OnnxBackend(Backend):
         self._ort = ort
         self._threads = threads
         self._path = model_path
-        self._prefill_chunk = max(1, prefill_chunk)
         self._inspect_graph()
+        if prefill_chunk is None:
+            prefill_chunk = _LONG_PREFILL_CHUNK if self._keeps_logits else _DEFAULT_PREFILL_CHUNK
+        self._prefill_chunk = max(1, prefill_chunk)
         config = {**_read_json(model_path.parent / "config.json")}
         gen_config = _read_json(model_path.parent / "generation_config.json")
         limit = int(config.get("max_position_embeddings") or 0)
@@ -184,6 +193,7 @@ class OnnxBackend(Backend):
         self._mask = np.ones((1, n_ctx), dtype=np.int64)
         self._positions = np.arange(n_ctx, dtype=np.int64).reshape(1, n_ctx)
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
+        self._keep_one = np.array(1, dtype=np.int64)
         self._step_logits = np.empty((1, 1, self._vocab), dtype=np.float32)
         self._empty_past = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
         self._io = self._sess.io_binding()
@@ -236,7 +246,11 @@ class OnnxBackend(Backend):
         self._vocab = vocab
         self._has_mask = "attention_mask" in inputs
         self._has_positions = "position_ids" in inputs
-        known = {"input_ids", "attention_mask", "position_ids"} | {
+        # cotune's exports take `logits_to_keep` (an input with a default, so listed apart from the
+        # required ones): with 1, the head runs on the last position only (export/onnx_export.py).
+        optional = {i.name for i in self._sess.get_overridable_initializers()}
+        self._keeps_logits = _LOGITS_TO_KEEP in inputs or _LOGITS_TO_KEEP in optional
+        known = {"input_ids", "attention_mask", "position_ids", _LOGITS_TO_KEEP} | {
             f"past_key_values.{i}.{kv}" for i in self._layers for kv in ("key", "value")}
         extra = sorted(set(inputs) - known)
         if extra:
@@ -271,7 +285,9 @@ class OnnxBackend(Backend):
                            vocab_size=self._vocab, threads=self._threads,
                            extra={"providers": list(self._providers), "gpu": self._kv_device != "cpu",
                                   "layers": len(self._layers), "kv_heads": self._kv_heads,
-                                  "head_dim": self._head_dim, "kv_dtype": np.dtype(self._kv_dtype).name})
+                                  "head_dim": self._head_dim, "kv_dtype": np.dtype(self._kv_dtype).name,
+                                  "logits_kept": 1 if self._keeps_logits else None,
+                                  "prefill_chunk": self._prefill_chunk})
 
     @property
     def eos_ids(self) -> Container[int]:
@@ -295,8 +311,9 @@ class OnnxBackend(Backend):
         logits: np.ndarray | None = None
         for lo in range(0, ids_arr.shape[1], self._prefill_chunk):
             chunk = np.ascontiguousarray(ids_arr[:, lo: lo + self._prefill_chunk])
-            # Each chunk writes its (chunk x vocab) logits here; only the last row is kept.
-            out = np.empty((1, chunk.shape[1], self._vocab), dtype=np.float32)
+            # Each chunk writes its logits here (the last row only, where the graph can keep it alone).
+            rows = 1 if self._keeps_logits else chunk.shape[1]
+            out = np.empty((1, rows, self._vocab), dtype=np.float32)
             logits = self._run(chunk, out)
         assert logits is not None
         return logits
@@ -326,6 +343,8 @@ class OnnxBackend(Backend):
         if self._has_positions:
             positions = np.ascontiguousarray(self._positions[:, self._length:total])
             io.bind_ortvalue_input("position_ids", ortvalue(positions))
+        if self._keeps_logits:
+            io.bind_ortvalue_input(_LOGITS_TO_KEEP, ortvalue(self._keep_one))
         if self._past is None:
             empty = ortvalue(self._empty_past)
             for name in self._past_names:
